@@ -1,0 +1,277 @@
+"""Field modules: the learned vector fields that move latents (SPEC section 1).
+
+Every bank stores the parameters of all its K fields stacked along a leading field axis, which is
+the layout every backend consumes (one grouped matrix product per field):
+
+    PotentialFields   W: (K, H, D), b: (K, H), a: (K, H)           u_k = a_k . tanh(W_k z + b_k + e_k(t))
+    RotationalFields  "hamiltonian": the potential parameters of psi_k plus a skew matrix A_k
+                      (dense P: (K, D, D), A = P - P^T; or low rank U, V: (K, D, R), A = U V^T - V U^T)
+                      "mlp": W1: (K, H, D), b1: (K, H), W2: (K, D, H), b2: (K, D)
+
+Each bank owns a :class:`TimeEmbedding` that turns the scalar time t into the per-field hidden
+bias shift ``e(t): (K, H)`` and its time derivative ``de/dt: (K, H)``; it is evaluated once per
+step, never per sample.
+
+``prepare(t)`` returns the per-step parameter tuple a backend consumes (see
+:mod:`sta.reference`). It is differentiable in t and in every parameter, so autograd carries the
+backends' gradients back to the modules.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional, Union
+
+import torch
+from torch import Tensor, nn
+
+from .reference import (
+    HamiltonianParams,
+    MLPParams,
+    PotentialParams,
+    hamiltonian_velocity,
+    mlp_velocity,
+    potential_gradient,
+    potential_value,
+)
+
+__all__ = ["TimeEmbedding", "PotentialFields", "RotationalFields", "FieldBank", "ROTATIONAL_CONSTRUCTIONS"]
+
+ROTATIONAL_CONSTRUCTIONS = ("hamiltonian", "mlp")
+
+#: Displacement a unit coefficient gives a standard-normal z at initialisation, relative to |z|.
+INIT_STEP_RATIO = 0.1
+#: Standard-normal probes used to calibrate that ratio (fixed seed, so init is reproducible).
+_CALIBRATION_PROBES = 256
+
+
+def as_time_tensor(t: Union[float, int, Tensor], like: Tensor) -> Tensor:
+    """The step time as a 0-dim tensor of ``like``'s dtype and device (keeps autograd history)."""
+    if isinstance(t, Tensor):
+        return t.to(dtype=like.dtype, device=like.device)
+    return torch.tensor(float(t), dtype=like.dtype, device=like.device)
+
+
+class TimeEmbedding(nn.Module):
+    """Sinusoidal features of t, then one linear map per field.
+
+    ``phi(t) = [sin(w_i t), cos(w_i t)]_i`` with ``num_frequencies`` fixed frequencies ``w_i``
+    spaced geometrically in [1/max_period, 1] * 2 pi, so times 0..max_period are resolved.
+
+    Returns ``e(t) = E phi(t): (K, H)`` and ``de/dt = E dphi/dt: (K, H)``.
+    """
+
+    def __init__(self, num_fields: int, hidden: int, num_frequencies: int = 8, max_period: float = 32.0):
+        super().__init__()
+        freqs = 2 * math.pi * torch.logspace(-math.log10(max_period), 0.0, num_frequencies)
+        self.register_buffer("frequencies", freqs)
+        features = 2 * num_frequencies
+        self.weight = nn.Parameter(torch.randn(num_fields, hidden, features) * (0.1 / math.sqrt(features)))
+
+    def forward(self, t: Tensor) -> tuple[Tensor, Tensor]:
+        """t: 0-dim tensor -> (e: (K, H), de_dt: (K, H))."""
+        wt = self.frequencies.to(t.dtype) * t
+        phi = torch.cat([torch.sin(wt), torch.cos(wt)])
+        dphi = torch.cat([torch.cos(wt), -torch.sin(wt)]) * torch.cat([self.frequencies, self.frequencies]).to(t.dtype)
+        e = torch.einsum("khf,f->kh", self.weight, phi)
+        de = torch.einsum("khf,f->kh", self.weight, dphi)
+        return e, de
+
+
+def _calibrate(measure, rescale, dim: int, dtype: torch.dtype) -> None:
+    """Rescale a bank so a unit coefficient moves standard-normal z by INIT_STEP_RATIO |z|.
+
+    measure(z) -> (N, K, D) velocities; rescale(factor: (K,)) multiplies the output scale.
+    Three rounds, because tanh makes the mlp construction slightly non-linear in its scale.
+    """
+    gen = torch.Generator().manual_seed(0)
+    z = torch.randn(_CALIBRATION_PROBES, dim, generator=gen, dtype=dtype)
+    with torch.no_grad():
+        for _ in range(3):
+            v = measure(z)
+            ratio = (v.norm(dim=-1) / z.norm(dim=-1, keepdim=True)).mean(0)  # (K,)
+            factor = torch.where(ratio > 0, INIT_STEP_RATIO / ratio.clamp_min(1e-30), torch.ones_like(ratio))
+            rescale(factor)
+
+
+class PotentialFields(nn.Module):
+    """K curl-free fields ``v_k = grad u_k``, ``u_k(z, t) = a_k . tanh(W_k z + b_k + e_k(t))``.
+
+    Args:
+        dim: latent size D.
+        num_fields: K (may be 0).
+        hidden: hidden width H.
+        time_frequencies: number of sinusoidal frequencies of the time embedding.
+
+    Parameters: ``W: (K, H, D)``, ``b: (K, H)``, ``a: (K, H)``, ``time: TimeEmbedding``.
+    """
+
+    def __init__(self, dim: int, num_fields: int, hidden: int, time_frequencies: int = 8):
+        super().__init__()
+        _check_sizes(dim=dim, num_fields=num_fields, hidden=hidden)
+        self.dim, self.num_fields, self.hidden = dim, num_fields, hidden
+        self.W = nn.Parameter(torch.randn(num_fields, hidden, dim) / math.sqrt(dim))
+        self.b = nn.Parameter(torch.randn(num_fields, hidden) * 0.1)
+        self.a = nn.Parameter(torch.randn(num_fields, hidden) / math.sqrt(hidden))
+        self.time = TimeEmbedding(num_fields, hidden, time_frequencies)
+        if num_fields:
+            _calibrate(lambda z: self.velocity(z, 0.0), self._scale_output, dim, self.W.dtype)
+
+    def _scale_output(self, factor: Tensor) -> None:
+        self.a.mul_(factor[:, None])
+
+    def prepare(self, t: Union[float, Tensor]) -> PotentialParams:
+        """Per-step parameters: ``PotentialParams(W: (K,H,D), c = b + e(t): (K,H), a: (K,H), de: (K,H))``."""
+        e, de = self.time(as_time_tensor(t, self.W))
+        return PotentialParams(self.W, self.b + e, self.a, de)
+
+    def potential(self, z: Tensor, t: Union[float, Tensor]) -> Tensor:
+        """Plain evaluation of every field: ``z: (B, D) -> u: (B, K)``."""
+        return potential_value(z, self.prepare(t))
+
+    def velocity(self, z: Tensor, t: Union[float, Tensor]) -> Tensor:
+        """Plain evaluation of every field: ``z: (B, D) -> grad u: (B, K, D)``."""
+        return potential_gradient(z, self.prepare(t))
+
+    def extra_repr(self) -> str:
+        return f"dim={self.dim}, num_fields={self.num_fields}, hidden={self.hidden}"
+
+
+class RotationalFields(nn.Module):
+    """K rotational fields ``r_k``; divergence-free exactly ("hamiltonian") or by penalty ("mlp").
+
+    Args:
+        dim: latent size D.
+        num_fields: K (may be 0).
+        hidden: hidden width H.
+        construction: ``"hamiltonian"`` (``r_k = A_k grad psi_k``, A_k skew) or ``"mlp"``
+            (``r_k = tanh(W2_k tanh(W1_k z + b1_k + e_k(t)) + b2_k)``, the authors' choice).
+        rank: for "hamiltonian", None gives a dense skew matrix ``A = P - P^T`` with ``P: (K, D, D)``;
+            an int R gives ``A = U V^T - V U^T`` with ``U, V: (K, D, R)``.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        num_fields: int,
+        hidden: int,
+        construction: str = "hamiltonian",
+        rank: Optional[int] = None,
+        time_frequencies: int = 8,
+    ):
+        super().__init__()
+        _check_sizes(dim=dim, num_fields=num_fields, hidden=hidden)
+        if construction not in ROTATIONAL_CONSTRUCTIONS:
+            raise ValueError(f"rotational: expected one of {ROTATIONAL_CONSTRUCTIONS}, got {construction!r}")
+        if rank is not None and (construction != "hamiltonian" or not isinstance(rank, int) or rank < 1):
+            raise ValueError(f"rank: expected None or a positive int with construction='hamiltonian', got {rank!r}")
+        self.dim, self.num_fields, self.hidden = dim, num_fields, hidden
+        self.construction, self.rank = construction, rank
+        self.time = TimeEmbedding(num_fields, hidden, time_frequencies)
+        if construction == "hamiltonian":
+            self.W = nn.Parameter(torch.randn(num_fields, hidden, dim) / math.sqrt(dim))
+            self.b = nn.Parameter(torch.randn(num_fields, hidden) * 0.1)
+            self.a = nn.Parameter(torch.randn(num_fields, hidden) / math.sqrt(hidden))
+            if rank is None:
+                self.P = nn.Parameter(torch.randn(num_fields, dim, dim) / math.sqrt(2 * dim))
+            else:
+                self.U = nn.Parameter(torch.randn(num_fields, dim, rank) / math.sqrt(dim))
+                self.V = nn.Parameter(torch.randn(num_fields, dim, rank) / math.sqrt(dim))
+        else:
+            self.W1 = nn.Parameter(torch.randn(num_fields, hidden, dim) / math.sqrt(dim))
+            self.b1 = nn.Parameter(torch.randn(num_fields, hidden) * 0.1)
+            self.W2 = nn.Parameter(torch.randn(num_fields, dim, hidden) / math.sqrt(hidden))
+            self.b2 = nn.Parameter(torch.zeros(num_fields, dim))
+        if num_fields:
+            _calibrate(lambda z: self.velocity(z, 0.0), self._scale_output, dim, self.time.weight.dtype)
+
+    def _scale_output(self, factor: Tensor) -> None:
+        if self.construction == "hamiltonian":
+            self.a.mul_(factor[:, None])
+        else:
+            self.W2.mul_(factor[:, None, None])
+            self.b2.mul_(factor[:, None])
+
+    def skew(self) -> Tensor:
+        """The skew-symmetric matrices ``A: (K, D, D)`` of the hamiltonian construction."""
+        if self.construction != "hamiltonian":
+            raise ValueError("skew(): only the 'hamiltonian' construction has a skew matrix")
+        if self.rank is None:
+            return self.P - self.P.transpose(1, 2)
+        uv = self.U @ self.V.transpose(1, 2)
+        return uv - uv.transpose(1, 2)
+
+    def prepare(self, t: Union[float, Tensor]) -> Union[HamiltonianParams, MLPParams]:
+        """Per-step parameters (see :class:`sta.reference.HamiltonianParams` / ``MLPParams``)."""
+        ref = self.time.weight
+        e, _ = self.time(as_time_tensor(t, ref))
+        if self.construction == "hamiltonian":
+            M = self.skew() @ self.W.transpose(1, 2)  # (K, D, H): r_k = M_k (a_k * s')
+            return HamiltonianParams(self.W, self.b + e, self.a, M)
+        return MLPParams(self.W1, self.b1 + e, self.W2, self.b2)
+
+    def velocity(self, z: Tensor, t: Union[float, Tensor]) -> Tensor:
+        """Plain evaluation of every field: ``z: (B, D) -> r: (B, K, D)``."""
+        p = self.prepare(t)
+        if self.construction == "hamiltonian":
+            return hamiltonian_velocity(z, p)
+        return mlp_velocity(z, p)
+
+    def extra_repr(self) -> str:
+        return (
+            f"dim={self.dim}, num_fields={self.num_fields}, hidden={self.hidden}, "
+            f"construction={self.construction!r}, rank={self.rank}"
+        )
+
+
+class FieldBank(nn.Module):
+    """All the fields of one STA model: ``.potential`` (curl-free) and ``.rotational``.
+
+    Args:
+        dim: latent size D.
+        num_potential: Kp, number of curl-free fields.
+        num_rotational: Kr, number of rotational fields.
+        hidden: hidden width H of every field.
+        rotational: ``"hamiltonian"`` (exactly divergence-free, default) or ``"mlp"``.
+        rank: low-rank skew matrices for "hamiltonian" (None = dense).
+
+    Example::
+
+        fields = sta.FieldBank(dim=16, num_potential=3, num_rotational=2, hidden=32)
+        out = sta.flow_step(z, 0.0, g_pot, g_rot, fields)
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        num_potential: int,
+        num_rotational: int,
+        hidden: int,
+        rotational: str = "hamiltonian",
+        rank: Optional[int] = None,
+    ):
+        super().__init__()
+        self.dim, self.hidden = dim, hidden
+        self.potential = PotentialFields(dim, num_potential, hidden)
+        self.rotational = RotationalFields(dim, num_rotational, hidden, rotational, rank)
+
+    @property
+    def num_potential(self) -> int:
+        return self.potential.num_fields
+
+    @property
+    def num_rotational(self) -> int:
+        return self.rotational.num_fields
+
+    @property
+    def construction(self) -> str:
+        return self.rotational.construction
+
+    def extra_repr(self) -> str:
+        return f"dim={self.dim}, num_potential={self.num_potential}, num_rotational={self.num_rotational}"
+
+
+def _check_sizes(**sizes: int) -> None:
+    for name, value in sizes.items():
+        minimum = 0 if name == "num_fields" else 1
+        if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+            raise ValueError(f"{name}: expected an int >= {minimum}, got {value!r}")

@@ -1,0 +1,198 @@
+"""Public functional ops and backend dispatch.
+
+:func:`flow_step` is the fused sparse flow step of SPEC section 2. Inputs are validated once
+here; the per-step field parameters are prepared here (time embedding, ``M = A W^T``), so the
+backends only ever see plain tensors (:mod:`sta.reference` documents the contract).
+"""
+from __future__ import annotations
+
+import math
+import numbers
+from typing import Iterable, NamedTuple, Optional, Union
+
+import torch
+from torch import Tensor
+
+from .backends import StepRequest, select
+from .fields import FieldBank
+
+__all__ = ["flow_step", "FlowStepOut", "OUTPUT_NAMES", "prepare_step"]
+
+#: Every output flow_step can return.
+OUTPUT_NAMES = ("z", "div", "hj", "div_rot", "curl", "u")
+
+
+class FlowStepOut(NamedTuple):
+    """Result of :func:`flow_step`; an entry is None unless it was requested in ``outputs``.
+
+    z:       (B, D)        z_next = z + dt * (sum_k g_pot[b,k] v_k + sum_k g_rot[b,k] r_k)
+    div:     (B,)          sum_k g_pot[b,k] lap u_k + sum_k g_rot[b,k] div r_k
+    hj:      (B, Kp)       Hamilton-Jacobi residual du_k/dt + |grad u_k|^2 / 2 per active pair
+    div_rot: (B, Kr)       divergence of each active rotational field (0 for "hamiltonian")
+    curl:    (B, Kp + Kr)  curl energy 0.5 |J - J^T|_F^2 per active pair (0 for potential fields)
+    u:       (B, Kp)       potential value u_k per active pair
+
+    Per-pair outputs are 0 where the pair is inactive (its coefficient is 0). They are not
+    multiplied by the coefficient.
+    """
+
+    z: Optional[Tensor] = None
+    div: Optional[Tensor] = None
+    hj: Optional[Tensor] = None
+    div_rot: Optional[Tensor] = None
+    curl: Optional[Tensor] = None
+    u: Optional[Tensor] = None
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
+def _check_coefficients(name: str, g, z: Tensor, K: int) -> Tensor:
+    B = z.shape[0]
+    if g is None:
+        return z.new_zeros(B, K)
+    if not isinstance(g, Tensor):
+        raise TypeError(f"{name}: expected a Tensor of shape (B, {K}) = ({B}, {K}), got {type(g).__name__}")
+    if g.dim() != 2 or tuple(g.shape) != (B, K):
+        raise ValueError(f"{name}: expected shape (B, K) = ({B}, {K}), got {tuple(g.shape)}")
+    if g.dtype != z.dtype:
+        raise TypeError(f"{name}: expected dtype {_dtype_name(z.dtype)} (that of z), got {_dtype_name(g.dtype)}")
+    if g.device != z.device:
+        raise ValueError(f"{name}: expected device {z.device} (that of z), got {g.device}")
+    return g
+
+
+def _check_inputs(z, t, g_pot, g_rot, fields, dt, outputs):
+    if not isinstance(fields, FieldBank):
+        raise TypeError(f"fields: expected a sta.FieldBank, got {type(fields).__name__}")
+    D = fields.dim
+    if not isinstance(z, Tensor):
+        raise TypeError(f"z: expected a Tensor of shape (B, {D}), got {type(z).__name__}")
+    if not z.is_floating_point():
+        raise TypeError(f"z: expected a floating-point tensor (float32 or float64), got {_dtype_name(z.dtype)}")
+    if z.dim() != 2 or z.shape[1] != D:
+        raise ValueError(f"z: expected shape (B, D) with D = fields.dim = {D}, got {tuple(z.shape)}")
+    g_pot = _check_coefficients("g_pot", g_pot, z, fields.num_potential)
+    g_rot = _check_coefficients("g_rot", g_rot, z, fields.num_rotational)
+    for pname, param in fields.named_parameters():
+        if param.dtype != z.dtype:
+            raise TypeError(f"fields: parameter {pname} has dtype {_dtype_name(param.dtype)} but z has "
+                            f"{_dtype_name(z.dtype)}; call fields.to(z.dtype)")
+        if param.device != z.device:
+            raise ValueError(f"fields: parameter {pname} is on {param.device} but z is on {z.device}; "
+                             f"call fields.to(z.device)")
+    if isinstance(t, Tensor):
+        if t.dim() != 0 or not t.is_floating_point():
+            raise ValueError(f"t: expected a float or a 0-dim floating-point tensor, got shape "
+                             f"{tuple(t.shape)} dtype {_dtype_name(t.dtype)}")
+        if t.device != z.device:
+            raise ValueError(f"t: expected device {z.device} (that of z), got {t.device}")
+    elif not isinstance(t, numbers.Real) or isinstance(t, bool) or not math.isfinite(t):
+        raise TypeError(f"t: expected a finite float or a 0-dim tensor, got {t!r}")
+    if not isinstance(dt, numbers.Real) or isinstance(dt, bool):
+        raise TypeError(f"dt: expected a finite float, got {type(dt).__name__}")
+    if not math.isfinite(dt):
+        raise ValueError(f"dt: expected a finite float, got {dt!r}")
+    if isinstance(outputs, str):
+        outputs = (outputs,)
+    outputs = tuple(outputs)
+    unknown = [o for o in outputs if o not in OUTPUT_NAMES]
+    if unknown:
+        raise ValueError(f"outputs: unknown names {unknown}; expected a subset of {OUTPUT_NAMES}")
+    return g_pot, g_rot, frozenset(outputs)
+
+
+def prepare_step(fields: FieldBank, t: Union[float, Tensor]):
+    """Per-step parameters of both banks: ``(PotentialParams | None, HamiltonianParams | MLPParams | None)``.
+
+    Evaluated once per step, differentiable in t and the parameters.
+    """
+    pot = fields.potential.prepare(t) if fields.num_potential else None
+    rot = fields.rotational.prepare(t) if fields.num_rotational else None
+    return pot, rot
+
+
+def flow_step(
+    z: Tensor,
+    t: Union[float, Tensor],
+    g_pot: Optional[Tensor],
+    g_rot: Optional[Tensor],
+    fields: FieldBank,
+    dt: float = 1.0,
+    outputs: Iterable[str] = ("z", "div"),
+    backend: str = "auto",
+) -> FlowStepOut:
+    """One fused sparse flow step (SPEC section 2): move z along a sparse mix of fields.
+
+    Only the active (sample, field) pairs -- those with a non-zero coefficient -- are evaluated.
+
+    Args:
+        z: (B, D) latents; float32 or float64 (float16/bfloat16 where the backend supports them).
+        t: the step time, a float or a 0-dim tensor (differentiable).
+        g_pot: (B, Kp) coefficients of the potential fields, or None (all zero).
+        g_rot: (B, Kr) coefficients of the rotational fields, or None (all zero).
+        fields: a :class:`sta.FieldBank` with ``dim == D``, parameters on z's device and dtype.
+        dt: step size, a finite float.
+        outputs: which of ``("z", "div", "hj", "div_rot", "curl", "u")`` to compute.
+        backend: "auto" (default; ``STA_BACKEND`` overrides it), "torch", "cpu", "triton" or "cuda".
+
+    Returns:
+        :class:`FlowStepOut` with
+          z: (B, D) the moved latents ``z + dt * sum_k g[b,k] field_k(z_b, t)``;
+          div: (B,) the divergence of the mixed flow (``logq_next = logq - dt * div``);
+          hj: (B, Kp) Hamilton-Jacobi residuals; div_rot: (B, Kr) rotational divergences;
+          curl: (B, Kp + Kr) curl energies; u: (B, Kp) potential values;
+        each None unless requested; per-pair outputs are 0 at inactive pairs.
+
+    Differentiable with respect to z, t, g_pot, g_rot and every field parameter. The gradient
+    with respect to a zero coefficient is 0 (an inactive pair is not evaluated).
+
+    Raises:
+        TypeError / ValueError naming the argument for bad shapes, dtypes, devices or values;
+        sta.backends.BackendUnavailableError when a named backend cannot run the input.
+    """
+    g_pot, g_rot, want = _check_inputs(z, t, g_pot, g_rot, fields, dt, outputs)
+    request = StepRequest(
+        device=z.device, dtype=z.dtype, B=z.shape[0], D=fields.dim, H=fields.hidden,
+        Kp=fields.num_potential, Kr=fields.num_rotational, rotational=fields.construction,
+        outputs=want, requires_grad=torch.is_grad_enabled(),
+    )
+    impl = select(request, backend)
+    pot_params, rot_params = prepare_step(fields, t)
+    velocity = None
+    div = z.new_zeros(z.shape[0]) if "div" in want else None
+    result = {}
+    if pot_params is not None:
+        terms = impl.potential_terms(z, g_pot, pot_params, tuple(sorted(want & {"div", "hj", "u", "curl"})))
+        velocity = terms.velocity
+        if div is not None:
+            div = terms.div
+        result.update(hj=terms.hj, u=terms.u, curl_pot=terms.curl)
+    if rot_params is not None:
+        rot_want = tuple(sorted(want & {"div", "div_rot", "curl"}))
+        if fields.construction == "hamiltonian":
+            terms = impl.hamiltonian_terms(z, g_rot, rot_params, rot_want)
+        else:
+            terms = impl.mlp_terms(z, g_rot, rot_params, rot_want)
+        velocity = terms.velocity if velocity is None else velocity + terms.velocity
+        if div is not None:
+            div = div + terms.div
+        result.update(div_rot=terms.div_rot, curl_rot=terms.curl)
+    B = z.shape[0]
+    out = {}
+    if "z" in want:
+        out["z"] = z + dt * velocity if velocity is not None else z.clone()
+    if div is not None:
+        out["div"] = div
+    if "hj" in want:
+        out["hj"] = result.get("hj") if result.get("hj") is not None else z.new_zeros(B, 0)
+    if "u" in want:
+        out["u"] = result.get("u") if result.get("u") is not None else z.new_zeros(B, 0)
+    if "div_rot" in want:
+        out["div_rot"] = result.get("div_rot") if result.get("div_rot") is not None else z.new_zeros(B, 0)
+    if "curl" in want:
+        parts = [result.get("curl_pot"), result.get("curl_rot")]
+        parts = [p for p in parts if p is not None]
+        out["curl"] = torch.cat(parts, 1) if parts else z.new_zeros(B, 0)
+    return FlowStepOut(**out)
