@@ -1,0 +1,277 @@
+"""sta.flow_step: gradients, sparsity, input validation and backend dispatch (reference backend)."""
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import sta
+from sta import backends
+from tests.tolerances import assert_close
+
+ALL = sta.OUTPUT_NAMES
+
+
+def _bank(D=4, H=3, Kp=2, Kr=2, rotational="hamiltonian", rank=None, dtype=torch.float64):
+    bank = sta.FieldBank(D, Kp, Kr, H, rotational=rotational, rank=rank).to(dtype)
+    with torch.no_grad():
+        bank.potential.time.weight.normal_(0, 0.5)
+        bank.rotational.time.weight.normal_(0, 0.5)
+    return bank
+
+
+def _step_fn(bank, outputs, backend="torch"):
+    """(z, t, g_pot, g_rot, *params) -> every requested output concatenated, for gradcheck."""
+    names = [n for n, _ in bank.named_parameters()]
+
+    def fn(z, t, g_pot, g_rot, *params):
+        with _swapped(bank, dict(zip(names, params))):
+            res = sta.flow_step(z, t, g_pot, g_rot, bank, dt=0.7, outputs=outputs, backend=backend)
+        return tuple(getattr(res, n) for n in outputs)
+
+    return fn, [p.detach().clone().requires_grad_(True) for p in bank.parameters()]
+
+
+class _swapped:
+    """Temporarily replace a module's parameters by given tensors (so gradcheck can perturb them)."""
+
+    def __init__(self, module, tensors):
+        self.module, self.tensors, self.saved = module, tensors, {}
+
+    def __enter__(self):
+        for name, tensor in self.tensors.items():
+            owner, attr = self._owner(name)
+            self.saved[name] = owner._parameters[attr]
+            owner._parameters[attr] = tensor
+
+    def __exit__(self, *exc):
+        for name, param in self.saved.items():
+            owner, attr = self._owner(name)
+            owner._parameters[attr] = param
+
+    def _owner(self, name):
+        *path, attr = name.split(".")
+        owner = self.module
+        for part in path:
+            owner = getattr(owner, part)
+        return owner, attr
+
+
+@pytest.mark.parametrize("rotational,rank", [("hamiltonian", None), ("hamiltonian", 2), ("mlp", None)])
+def test_gradcheck_every_input_and_parameter(rotational, rank):
+    """float64 gradcheck w.r.t. z, t, g_pot, g_rot and every parameter, through z, div, hj, u, div_rot, curl."""
+    bank = _bank(rotational=rotational, rank=rank)
+    fn, params = _step_fn(bank, ALL)
+    z = torch.randn(3, 4, dtype=torch.float64, requires_grad=True)
+    t = torch.tensor(0.4, dtype=torch.float64, requires_grad=True)
+    g_pot = (torch.rand(3, 2, dtype=torch.float64) + 0.5).requires_grad_(True)  # all active: see test below
+    g_rot = (torch.rand(3, 2, dtype=torch.float64) - 1.5).requires_grad_(True)
+    assert torch.autograd.gradcheck(fn, (z, t, g_pot, g_rot, *params), eps=1e-6, atol=1e-7)
+
+
+def test_gradgradcheck_potential_step():
+    """Second derivatives (used when a loss contains gradients of the step) are consistent too."""
+    bank = _bank(D=3, H=2, Kp=2, Kr=1)
+    fn, _ = _step_fn(bank, ("z", "div", "hj"))
+    z = torch.randn(2, 3, dtype=torch.float64, requires_grad=True)
+    g = torch.rand(2, 2, dtype=torch.float64) + 0.5
+    gr = torch.rand(2, 1, dtype=torch.float64) + 0.5
+    assert torch.autograd.gradgradcheck(lambda x: fn(x, 0.3, g, gr, *bank.parameters()), (z,))
+
+
+@pytest.mark.parametrize("rotational", ["hamiltonian", "mlp"])
+def test_gradcheck_with_sparse_coefficients(rotational):
+    """With some pairs inactive (g fixed), gradients w.r.t. z and parameters are still exact."""
+    bank = _bank(rotational=rotational)
+    fn, params = _step_fn(bank, ("z", "div", "hj", "curl"))
+    z = torch.randn(4, 4, dtype=torch.float64, requires_grad=True)
+    g_pot = torch.tensor([[1.0, 0], [0, 0], [0.3, -2], [0, 1]], dtype=torch.float64)
+    g_rot = torch.tensor([[0, 0], [1.0, 0], [0.5, 0.5], [0, 0]], dtype=torch.float64)
+    assert torch.autograd.gradcheck(lambda x, *p: fn(x, 0.1, g_pot, g_rot, *p), (z, *params), eps=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("rotational", ["hamiltonian", "mlp"])
+def test_inactive_field_does_nothing(rotational):
+    """With field 1's g columns all zero, its parameters change no output and get exactly zero grads."""
+    bank = _bank(rotational=rotational)
+    z = torch.randn(5, 4, dtype=torch.float64)
+    g = torch.rand(5, 2, dtype=torch.float64) + 0.5
+    g[:, 1] = 0
+    out = sta.flow_step(z, 0.2, g, g, bank, outputs=ALL, backend="torch")
+    loss = sum(o.square().sum() for o in out if o is not None)
+    loss.backward()
+    for name, p in bank.named_parameters():
+        if p.grad is None:
+            continue
+        assert p.grad[1].abs().max().item() == 0.0, f"{name}[1] got a gradient"
+    assert any(p.grad is not None and p.grad[0].abs().max().item() > 0 for p in bank.parameters())
+    with torch.no_grad():
+        for p in bank.parameters():
+            p[1] += torch.randn_like(p[1])
+    out2 = sta.flow_step(z, 0.2, g, g, bank, outputs=ALL, backend="torch")
+    for name in ALL:
+        assert torch.equal(getattr(out, name), getattr(out2, name)), name
+
+
+def test_zero_coefficient_gets_zero_gradient():
+    """The sparsity contract: an inactive pair is not evaluated, so d out / d g[b,k] = 0 there."""
+    bank = _bank()
+    z = torch.randn(3, 4, dtype=torch.float64)
+    g = torch.tensor([[1.0, 0.0], [0.0, 2.0], [0.5, 0.5]], dtype=torch.float64, requires_grad=True)
+    out = sta.flow_step(z, 0.0, g, None, bank, backend="torch")
+    (out.z.sum() + out.div.sum()).backward()
+    assert g.grad[0, 1].item() == 0.0 and g.grad[1, 0].item() == 0.0
+    assert g.grad[0, 0].item() != 0.0 and g.grad[2, 1].item() != 0.0
+
+
+def test_all_inactive_is_identity_and_all_active_moves_every_sample():
+    bank = _bank()
+    z = torch.randn(6, 4, dtype=torch.float64)
+    out = sta.flow_step(z, 0.0, torch.zeros(6, 2, dtype=torch.float64), None, bank, outputs=ALL, backend="torch")
+    assert torch.equal(out.z, z) and torch.equal(out.div, torch.zeros(6, dtype=torch.float64))
+    for name in ("hj", "u", "div_rot", "curl"):
+        assert torch.equal(getattr(out, name), torch.zeros_like(getattr(out, name)))
+    on = sta.flow_step(z, 0.0, torch.ones(6, 2, dtype=torch.float64), torch.ones(6, 2, dtype=torch.float64), bank,
+                       backend="torch")
+    assert ((on.z - z).norm(dim=1) > 0).all()
+
+
+def test_empty_batch_and_noncontiguous_inputs():
+    bank = _bank(D=5)
+    z0 = torch.zeros(0, 5, dtype=torch.float64)
+    out = sta.flow_step(z0, 0.0, torch.zeros(0, 2, dtype=torch.float64), torch.zeros(0, 2, dtype=torch.float64),
+                        bank, outputs=ALL, backend="torch")
+    assert out.z.shape == (0, 5) and out.div.shape == (0,) and out.curl.shape == (0, 4)
+    zt = torch.randn(5, 6, dtype=torch.float64).T[:, :5]  # (6, 5) non-contiguous
+    gt = torch.randn(2, 6, dtype=torch.float64).T
+    assert not zt.is_contiguous() and not gt.is_contiguous()
+    a = sta.flow_step(zt, 0.1, gt, gt, bank, outputs=ALL, backend="torch")
+    b = sta.flow_step(zt.contiguous(), 0.1, gt.contiguous(), gt.contiguous(), bank, outputs=ALL, backend="torch")
+    for name in ALL:
+        assert_close(getattr(a, name), getattr(b, name), what=name)
+
+
+def test_outputs_selects_what_is_returned():
+    bank = _bank()
+    z = torch.randn(2, 4, dtype=torch.float64)
+    g = torch.ones(2, 2, dtype=torch.float64)
+    out = sta.flow_step(z, 0.0, g, g, bank, outputs=("div",), backend="torch")
+    assert out.z is None and out.div is not None and out.hj is None
+    out = sta.flow_step(z, 0.0, g, g, bank, outputs="hj", backend="torch")
+    assert out.hj.shape == (2, 2) and out.div is None
+
+
+def test_time_gradient_flows_through_hj():
+    bank = _bank()
+    z = torch.randn(3, 4, dtype=torch.float64)
+    t = torch.tensor(0.5, dtype=torch.float64, requires_grad=True)
+    out = sta.flow_step(z, t, torch.ones(3, 2, dtype=torch.float64), None, bank, outputs=("hj",), backend="torch")
+    (grad,) = torch.autograd.grad(out.hj.sum(), t)
+    assert torch.isfinite(grad) and grad.item() != 0.0
+
+
+# ---------------------------------------------------------------------------------------------
+# Bad input: a clear exception naming the argument.
+# ---------------------------------------------------------------------------------------------
+
+def _valid():
+    bank = sta.FieldBank(4, 2, 3, 5)
+    return dict(z=torch.randn(3, 4), t=0.0, g_pot=torch.ones(3, 2), g_rot=torch.ones(3, 3), fields=bank)
+
+
+@pytest.mark.parametrize(
+    "change,error,argument",
+    [
+        (dict(z=torch.randn(3, 4, 1)), ValueError, "z"),
+        (dict(z=torch.randn(4)), ValueError, "z"),
+        (dict(z=torch.randn(3, 5)), ValueError, "z"),
+        (dict(z=torch.ones(3, 4, dtype=torch.int64)), TypeError, "z"),
+        (dict(z=[[0.0] * 4] * 3), TypeError, "z"),
+        (dict(g_pot=torch.ones(3, 3)), ValueError, "g_pot"),
+        (dict(g_pot=torch.ones(2, 2)), ValueError, "g_pot"),
+        (dict(g_rot=torch.ones(3, 2)), ValueError, "g_rot"),
+        (dict(g_rot=torch.ones(3)), ValueError, "g_rot"),
+        (dict(g_pot=torch.ones(3, 2, dtype=torch.float64)), TypeError, "g_pot"),
+        (dict(g_rot=torch.ones(3, 3, device="meta")), ValueError, "g_rot"),
+        (dict(dt=float("nan")), ValueError, "dt"),
+        (dict(dt=float("inf")), ValueError, "dt"),
+        (dict(dt="1"), TypeError, "dt"),
+        (dict(t=float("nan")), TypeError, "t"),
+        (dict(t=torch.zeros(2)), ValueError, "t"),
+        (dict(fields="bank"), TypeError, "fields"),
+        (dict(outputs=("z", "jacobian")), ValueError, "outputs"),
+        (dict(backend="fortran"), ValueError, "backend"),
+    ],
+)
+def test_bad_input_names_the_argument(change, error, argument):
+    kwargs = _valid()
+    kwargs.update(change)
+    with pytest.raises(error, match=f"^{argument}:"):
+        sta.flow_step(**kwargs)
+
+
+def test_mixed_parameter_dtype_or_device_is_rejected():
+    kwargs = _valid()
+    kwargs["z"], kwargs["g_pot"], kwargs["g_rot"] = (x.double() for x in (kwargs["z"], kwargs["g_pot"], kwargs["g_rot"]))
+    with pytest.raises(TypeError, match="^fields:.*dtype"):
+        sta.flow_step(**kwargs)
+    kwargs = _valid()
+    kwargs["z"], kwargs["g_pot"], kwargs["g_rot"] = (x.to("meta") for x in (kwargs["z"], kwargs["g_pot"], kwargs["g_rot"]))
+    with pytest.raises(ValueError, match="^fields:.*device"):
+        sta.flow_step(**kwargs)
+
+
+# ---------------------------------------------------------------------------------------------
+# Backend dispatch.
+# ---------------------------------------------------------------------------------------------
+
+def test_forced_unavailable_backend_lists_reasons():
+    kwargs = _valid()
+    kwargs["z"], kwargs["g_pot"], kwargs["g_rot"] = (x.to("meta") for x in (kwargs["z"], kwargs["g_pot"], kwargs["g_rot"]))
+    kwargs["fields"] = kwargs["fields"].to("meta")
+    # every non-reference backend must refuse a meta tensor with a reason (the reference accepts it)
+    for name in ("cpu", "triton", "cuda"):
+        with pytest.raises(sta.BackendUnavailableError, match=f"backend '{name}' cannot run"):
+            sta.flow_step(**kwargs, backend=name)
+
+
+def test_auto_falls_back_silently_and_env_overrides(monkeypatch):
+    kwargs = _valid()
+    ref = sta.flow_step(**kwargs, backend="torch")
+    auto = sta.flow_step(**kwargs)
+    assert_close(auto.z, ref.z)
+    monkeypatch.setenv("STA_BACKEND", "torch")
+    assert backends.requested_backend("auto") == "torch"
+    assert backends.requested_backend("cpu") == "cpu"  # an explicit argument wins over the variable
+    monkeypatch.setenv("STA_BACKEND", "nonsense")
+    with pytest.raises(ValueError, match="^backend:"):
+        sta.flow_step(**kwargs)
+
+
+def test_every_backend_reports_reasons_or_runs():
+    request = backends.StepRequest(torch.device("cpu"), torch.float32, 4, 4, 5, 2, 3, "hamiltonian",
+                                   frozenset({"z", "div"}), True)
+    names = [b.name for b in backends.all_backends()]
+    assert names == list(backends.BACKEND_NAMES)
+    for backend in backends.all_backends():
+        reasons = backend.why_not(request)
+        assert isinstance(reasons, list) and all(isinstance(r, str) and r for r in reasons)
+    assert backends.select(request, "auto").why_not(request) == []
+    assert backends.get_backend("torch").why_not(request) == []
+
+
+def test_flow_step_docstring_documents_every_shape():
+    doc = sta.flow_step.__doc__
+    for shape in ("z: (B, D)", "g_pot: (B, Kp)", "g_rot: (B, Kr)", "div: (B,)", "hj: (B, Kp)",
+                  "div_rot: (B, Kr)", "curl: (B, Kp + Kr)", "u: (B, Kp)", "z: (B, D) the moved"):
+        assert shape in doc, shape
+
+
+def test_info_runs_and_lists_every_backend():
+    env = dict(os.environ)
+    res = subprocess.run([sys.executable, "-m", "sta.info"], capture_output=True, text=True, env=env, timeout=300)
+    assert res.returncode == 0, res.stderr
+    for name in backends.BACKEND_NAMES:
+        assert f"  {name}" in res.stdout
+    assert "torch" in res.stdout and "available" in res.stdout
