@@ -1,0 +1,661 @@
+"""Latent grid transport: the Eulerian view of the flow (SPEC section 4).
+
+A density ``rho`` on a regular 2-D (or 3-D) grid over chosen latent coordinates (the others fixed),
+a velocity sampled at the cell faces from the sparse field mix, and a conservative finite-volume
+step of the continuity equation ``d rho / dt + div(rho v) = 0``.
+
+Grid layout (d = 2 or 3 grid axes; cell ``i`` along axis a spans ``[lo_a + i dx_a, lo_a + (i+1) dx_a]``):
+
+    rho:  (N1, N2)            or (N1, N2, N3)            cell averages
+    u1:   (N1 + 1, N2)        or (N1 + 1, N2, N3)        velocity component 1 on the faces normal to axis 1
+    u2:   (N1, N2 + 1)        or (N1, N2 + 1, N3)        component 2 on the faces normal to axis 2
+    u3:                          (N1, N2, N3 + 1)        component 3 (3-D only)
+
+Face ``f`` along axis a lies between cells ``f - 1`` and ``f``; faces ``0`` and ``N_a`` are the
+domain boundary. ``velocity_faces`` is always the tuple ``(u1, u2[, u3])``.
+
+The finite-volume step (:func:`grid_transport`), per axis a with Courant factor ``c_a = dt / dx_a``:
+
+    slope   s_i = limiter(rho_i - rho_{i-1}, rho_{i+1} - rho_i)      (0 for "upwind")
+    states  L_f = rho_{f-1} + s_{f-1} / 2,   R_f = rho_f - s_f / 2     (MUSCL reconstruction at face f)
+    flux    F_f = max(u_f, 0) L_f + min(u_f, 0) R_f                    (upwind)
+    update  rho_i <- rho_i - sum_a c_a (F_{i+1} - F_i)
+
+Limiters: ``minmod(a, b) = a if |a| < |b| else b`` when ``ab > 0``, else 0; van Leer
+``2ab / (a + b)`` when ``ab > 0``, else 0. Boundaries: ``"zero_flux"`` sets ``F_0 = F_N = 0`` (the
+boundary faces' velocities are ignored; ghost cells copy the edge cell, so the edge slope is 0);
+``"periodic"`` wraps the cells and makes face ``N_a`` the same face as face 0 (their velocities must
+agree). Every flux leaves one cell and enters its neighbour, so the total mass ``sum(rho)`` is
+conserved exactly up to rounding.
+
+Positivity (the CFL condition): with non-negative ``rho`` the limited face states satisfy
+``0 <= L, R <= kappa rho_cell`` with ``kappa = 1`` (upwind), ``3/2`` (minmod) or ``2`` (van Leer), and
+inflows are non-negative, so ``rho_i`` stays non-negative whenever its outflow is at most rho_i.
+This module's CFL number is therefore
+
+    cfl = kappa * dt * max over cells of sum over the cell's faces of (outgoing normal speed / dx_a)
+
+(the sum of the outgoing Courant numbers of a cell, in all axes at once: the scheme is unsplit,
+weighted by the limiter's bound). ``cfl <= 1`` guarantees ``rho_new >= 0``; :func:`grid_transport`
+raises when ``cfl > 1`` and names the largest stable ``dt``. :func:`transport_for` sub-steps a
+whole time interval with ``cfl <= 0.9``. The scheme is first order in time (forward Euler) and
+second order in space where the density is smooth (the limiter drops it to first order at extrema).
+
+Backends: ``torch`` (this module, the reference), ``cpu`` (C++ op ``sta::grid_transport`` from
+csrc/cpu/grid_transport.cpp), ``cuda`` (csrc/cuda/grid_transport.cu) and ``triton``
+(kernels/grid_transport.py). The compiled kernels share one per-cell body in csrc/flow_math.h.
+``auto`` takes the fastest available for the tensor's device: cuda, triton, torch on a GPU; cpu,
+torch on the CPU (the Triton interpreter is a test vehicle, never chosen automatically).
+"""
+from __future__ import annotations
+
+import math
+import numbers
+import os
+from typing import NamedTuple, Optional, Sequence, Union
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "LatentGrid",
+    "latent_grid",
+    "grid_transport",
+    "transport_for",
+    "cfl_number",
+    "grid_divergence",
+    "grid_curl",
+    "advect_particles",
+    "GridBackend",
+    "grid_backends",
+    "select_grid_backend",
+    "LIMITERS",
+    "BOUNDARIES",
+    "FACE_BOUND",
+]
+
+#: Limiter name -> the integer code the compiled kernels take.
+LIMITERS = {"upwind": 0, "minmod": 1, "van_leer": 2}
+#: Largest face state / cell value a limited reconstruction of non-negative data can produce (kappa).
+FACE_BOUND = {"upwind": 1.0, "minmod": 1.5, "van_leer": 2.0}
+BOUNDARIES = ("zero_flux", "periodic")
+#: transport_for's target CFL number: a margin below the positivity bound of 1.
+SUBSTEP_CFL = 0.9
+
+
+# ----------------------------------------------------------------------------------------------
+# Sampling the field mix on a grid
+# ----------------------------------------------------------------------------------------------
+
+class LatentGrid(NamedTuple):
+    """The sparse field mix sampled on a regular grid over latent coordinates ``dims``.
+
+    d = len(dims) grid axes, ``shape = (N1, ..., Nd)``, D the latent size.
+
+    dims:       the latent coordinates spanned by the grid axes, length d.
+    coords:     per axis, (N_a,) cell-centre coordinates.
+    edges:      per axis, (N_a + 1,) face coordinates.
+    dx:         per axis, the cell width (floats).
+    points:     (*shape, D) latent points of the cell centres (other coordinates = center).
+    velocity:   (*shape, D) the full velocity of the mix at the cell centres.
+    plane:      (*shape, d) its in-plane components ``velocity[..., dims]``.
+    faces:      (u1, ..., ud): the normal in-plane component on the faces (layout of this module's
+                docstring: u_a has N_a + 1 entries along axis a), ready for :func:`grid_transport`.
+    div:        (*shape,) the analytic divergence of the mix at the centres (flow_step's ``div``).
+                This is the full D-dimensional divergence; the in-plane divergence that
+                :func:`grid_divergence` approximates equals it only when D == d or the
+                out-of-plane components do not vary out of the plane.
+    """
+
+    dims: tuple
+    coords: tuple
+    edges: tuple
+    dx: tuple
+    points: Tensor
+    velocity: Tensor
+    plane: Tensor
+    faces: tuple
+    div: Tensor
+
+
+def _coefficients(name: str, g, K: int, B: int, like: Tensor) -> Optional[Tensor]:
+    """One coefficient vector (K,) (or a float for every field) broadcast to (B, K)."""
+    if K == 0 or g is None:
+        if g is not None and K == 0 and isinstance(g, Tensor) and g.numel():
+            raise ValueError(f"{name}: the field bank has no such fields, got shape {tuple(g.shape)}")
+        return None
+    if isinstance(g, numbers.Real) and not isinstance(g, bool):
+        return like.new_full((B, K), float(g))
+    if not isinstance(g, Tensor) or g.shape not in ((K,), (1, K)):
+        got = tuple(g.shape) if isinstance(g, Tensor) else type(g).__name__
+        raise ValueError(f"{name}: expected a float or a tensor of shape (K,) = ({K},), got {got}")
+    return g.to(dtype=like.dtype, device=like.device).reshape(1, K).expand(B, K)
+
+
+def _axis_ranges(extent, center: Tensor, dims: tuple) -> list:
+    if isinstance(extent, numbers.Real) and not isinstance(extent, bool):
+        if not (math.isfinite(extent) and extent > 0):
+            raise ValueError(f"extent: expected a positive half-width, got {extent!r}")
+        return [(float(center[d]) - extent, float(center[d]) + extent) for d in dims]
+    try:
+        ranges = [(float(lo), float(hi)) for lo, hi in extent]
+    except (TypeError, ValueError):
+        raise TypeError(f"extent: expected a positive float (half-width) or one (lo, hi) pair per grid "
+                        f"axis, got {extent!r}") from None
+    if len(ranges) != len(dims) or any(not (math.isfinite(lo) and math.isfinite(hi) and hi > lo)
+                                       for lo, hi in ranges):
+        raise ValueError(f"extent: expected {len(dims)} finite (lo, hi) pairs with hi > lo, got {extent!r}")
+    return ranges
+
+
+def latent_grid(fields, center, dims: Sequence[int] = (0, 1), extent=3.0, shape: Sequence[int] = (64, 64), *,
+                g_pot=None, g_rot=None, t: float = 0.0, backend: str = "auto") -> LatentGrid:
+    """Sample the sparse field mix on a regular grid over latent coordinates ``dims``.
+
+    Every cell centre and every face centre becomes one latent point (coordinates outside ``dims``
+    fixed at ``center``); all of them go through ONE :func:`sta.flow_step` call with ``dt = 1``,
+    so every backend serves the grid. The velocity is ``z_next - z`` (rounding error
+    ``eps * |z|``, i.e. ~1e-6 relative in float32 for |z| ~ 3 |v|).
+
+    Args:
+        fields: a :class:`sta.FieldBank` (its parameters' dtype and device are the grid's).
+        center: (D,) the point the slice goes through (tensor or sequence of floats).
+        dims: the d = 2 or 3 distinct latent coordinates the grid spans.
+        extent: a half-width (every axis spans ``center[dim] -+ extent``) or d ``(lo, hi)`` pairs.
+        shape: d cell counts ``(N1, ..., Nd)``.
+        g_pot: (Kp,) coefficients of the potential fields for the whole grid, a float, or None (0).
+        g_rot: (Kr,) coefficients of the rotational fields, a float, or None (0).
+        t: the time at which the fields are evaluated.
+        backend: the flow_step backend.
+
+    Returns:
+        :class:`LatentGrid` (centre and face velocities, the analytic div, the in-plane components).
+    """
+    from .fields import FieldBank
+    from .ops import flow_step
+
+    if not isinstance(fields, FieldBank):
+        raise TypeError(f"fields: expected a sta.FieldBank, got {type(fields).__name__}")
+    D = fields.dim
+    like = next(fields.parameters())
+    dims = tuple(dims)
+    if len(dims) not in (2, 3) or len(set(dims)) != len(dims) or any(
+            not isinstance(d, int) or isinstance(d, bool) or not 0 <= d < D for d in dims):
+        raise ValueError(f"dims: expected 2 or 3 distinct latent coordinates in [0, {D}), got {dims}")
+    center = torch.as_tensor(center, dtype=like.dtype).to(like.device)
+    if center.shape != (D,):
+        raise ValueError(f"center: expected shape (D,) = ({D},), got {tuple(center.shape)}")
+    shape = tuple(shape)
+    if len(shape) != len(dims) or any(not isinstance(n, int) or isinstance(n, bool) or n < 1 for n in shape):
+        raise ValueError(f"shape: expected {len(dims)} positive ints (one per grid axis), got {shape}")
+    ranges = _axis_ranges(extent, center, dims)
+
+    d = len(dims)
+    edges = tuple(torch.linspace(lo, hi, n + 1, dtype=like.dtype, device=like.device)
+                  for (lo, hi), n in zip(ranges, shape))
+    coords = tuple(0.5 * (e[1:] + e[:-1]) for e in edges)
+    dx = tuple((hi - lo) / n for (lo, hi), n in zip(ranges, shape))
+
+    def points_on(axis_coords):
+        mesh = torch.meshgrid(*axis_coords, indexing="ij")
+        pts = center.expand(*mesh[0].shape, D).clone()
+        for a in range(d):
+            pts[..., dims[a]] = mesh[a]
+        return pts
+
+    # Cell centres, then the faces normal to each axis (coordinate a on the edges): one batch.
+    blocks = [points_on(coords)] + [points_on(coords[:a] + (edges[a],) + coords[a + 1:]) for a in range(d)]
+    flat = torch.cat([b.reshape(-1, D) for b in blocks])
+    B = flat.shape[0]
+    out = flow_step(flat, t, _coefficients("g_pot", g_pot, fields.num_potential, B, like),
+                    _coefficients("g_rot", g_rot, fields.num_rotational, B, like), fields, dt=1.0,
+                    outputs=("z", "div"), backend=backend)
+    velocity = out.z - flat
+    sizes = [b.shape[:-1].numel() for b in blocks]
+    parts = velocity.split(sizes)
+    centre_v = parts[0].reshape(*shape, D)
+    faces = tuple(parts[a + 1].reshape(*blocks[a + 1].shape[:-1], D)[..., dims[a]].contiguous() for a in range(d))
+    return LatentGrid(dims=dims, coords=coords, edges=edges, dx=dx, points=blocks[0], velocity=centre_v,
+                      plane=centre_v[..., list(dims)].contiguous(), faces=faces,
+                      div=out.div[: sizes[0]].reshape(shape))
+
+
+def advect_particles(fields, z: Tensor, logq: Tensor, time: float, steps: int, *, g_pot=None, g_rot=None,
+                     t: float = 0.0, backend: str = "auto") -> tuple[Tensor, Tensor]:
+    """The Lagrangian picture: move particles ``z: (B, D)`` for ``time`` in ``steps`` Euler steps of
+    :func:`sta.flow_step` (the field frozen at time ``t``, as on a :class:`LatentGrid`), carrying
+    ``logq: (B,)`` by the continuity equation ``logq <- logq - dt * div``.
+
+    ``g_pot: (Kp,)`` / ``g_rot: (Kr,)`` (or floats, or None) apply to every particle.
+    Returns ``(z, logq)`` after ``time``.
+    """
+    from .ops import flow_step
+
+    if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
+        raise ValueError(f"steps: expected a positive int, got {steps!r}")
+    if not isinstance(logq, Tensor) or logq.shape != z.shape[:1]:
+        raise ValueError(f"logq: expected shape (B,) = {tuple(z.shape[:1])}, got "
+                         f"{tuple(logq.shape) if isinstance(logq, Tensor) else type(logq).__name__}")
+    dt = float(time) / steps
+    B = z.shape[0]
+    gp = _coefficients("g_pot", g_pot, fields.num_potential, B, z)
+    gr = _coefficients("g_rot", g_rot, fields.num_rotational, B, z)
+    for _ in range(steps):
+        out = flow_step(z, t, gp, gr, fields, dt=dt, outputs=("z", "div"), backend=backend)
+        z, logq = out.z, logq - dt * out.div
+    return z, logq
+
+
+# ----------------------------------------------------------------------------------------------
+# Validation shared by every backend
+# ----------------------------------------------------------------------------------------------
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
+def _check_rho(rho) -> Tensor:
+    if not isinstance(rho, Tensor):
+        raise TypeError(f"rho: expected a Tensor of shape (N1, N2) or (N1, N2, N3), got {type(rho).__name__}")
+    if rho.dim() not in (2, 3):
+        raise ValueError(f"rho: expected a 2-D (N1, N2) or 3-D (N1, N2, N3) density, got shape {tuple(rho.shape)}")
+    if rho.dtype not in (torch.float32, torch.float64):
+        raise TypeError(f"rho: expected float32 or float64, got {_dtype_name(rho.dtype)}")
+    if rho.numel() == 0:
+        raise ValueError(f"rho: expected at least one cell per axis, got shape {tuple(rho.shape)}")
+    return rho
+
+
+def _check_dx(dx, ndim: int) -> tuple:
+    values = [dx] * ndim if isinstance(dx, numbers.Real) and not isinstance(dx, bool) else dx
+    try:
+        values = tuple(float(v) for v in values)
+    except (TypeError, ValueError):
+        raise TypeError(f"dx: expected a positive float or {ndim} positive floats, got {dx!r}") from None
+    if len(values) != ndim or not all(math.isfinite(v) and v > 0 for v in values):
+        raise ValueError(f"dx: expected a positive finite float or {ndim} of them (one per axis), got {dx!r}")
+    return values
+
+
+def _face_shape(shape: tuple, axis: int) -> tuple:
+    return shape[:axis] + (shape[axis] + 1,) + shape[axis + 1:]
+
+
+def _check_faces(velocity_faces, rho: Tensor, boundary: str) -> tuple:
+    d = rho.dim()
+    shape = tuple(rho.shape)
+    expected = [_face_shape(shape, a) for a in range(d)]
+    if isinstance(velocity_faces, Tensor) or not isinstance(velocity_faces, (tuple, list)) or len(velocity_faces) != d:
+        raise TypeError(f"velocity_faces: expected a tuple of {d} tensors with shapes {expected} "
+                        f"(u_a has N_a + 1 faces along axis a), got {type(velocity_faces).__name__}")
+    faces = []
+    for a, (u, exp) in enumerate(zip(velocity_faces, expected)):
+        name = f"velocity_faces[{a}]"
+        if not isinstance(u, Tensor):
+            raise TypeError(f"{name}: expected a Tensor of shape {exp}, got {type(u).__name__}")
+        if tuple(u.shape) != exp:
+            raise ValueError(f"{name}: expected shape {exp} (N_{a + 1} + 1 faces along axis {a} for rho of "
+                             f"shape {shape}), got {tuple(u.shape)}")
+        if u.dtype != rho.dtype:
+            raise TypeError(f"{name}: expected dtype {_dtype_name(rho.dtype)} (that of rho), got {_dtype_name(u.dtype)}")
+        if u.device != rho.device:
+            raise ValueError(f"{name}: expected device {rho.device} (that of rho), got {u.device}")
+        if boundary == "periodic":
+            first, last = u.narrow(a, 0, 1), u.narrow(a, shape[a], 1)
+            scale = u.abs().max() if u.numel() else 0.0
+            if not bool(((first - last).abs() <= 1e-6 * scale + torch.finfo(u.dtype).tiny).all()):
+                raise ValueError(f"{name}: with boundary='periodic' faces 0 and {shape[a]} along axis {a} are the "
+                                 f"same face and must carry the same velocity")
+        faces.append(u.contiguous())
+    return tuple(faces)
+
+
+def _check_options(boundary: str, limiter: str) -> None:
+    if boundary not in BOUNDARIES:
+        raise ValueError(f"boundary: expected one of {BOUNDARIES}, got {boundary!r}")
+    if limiter not in LIMITERS:
+        raise ValueError(f"limiter: expected one of {tuple(LIMITERS)}, got {limiter!r}")
+
+
+def _outgoing_rate(faces: tuple, dx: tuple, boundary: str) -> Tensor:
+    """Per cell, sum over its faces of outgoing normal speed / dx: shape of rho."""
+    total = None
+    for a, (u, h) in enumerate(zip(faces, dx)):
+        n = u.shape[a] - 1
+        out_hi = u.narrow(a, 1, n).clamp(min=0)    # leaves cell i through face i + 1
+        out_lo = (-u.narrow(a, 0, n)).clamp(min=0)  # leaves cell i through face i
+        if boundary == "zero_flux":  # boundary faces carry no flux
+            out_hi = out_hi.index_fill(a, torch.tensor([n - 1], device=u.device), 0)
+            out_lo = out_lo.index_fill(a, torch.tensor([0], device=u.device), 0)
+        rate = (out_hi + out_lo) / h
+        total = rate if total is None else total + rate
+    return total
+
+
+def cfl_number(velocity_faces, dx, dt: float, *, boundary: str = "zero_flux", limiter: str = "van_leer") -> float:
+    """The CFL number of one :func:`grid_transport` step (module docstring): positivity needs <= 1.
+
+    ``kappa(limiter) * dt * max_cells sum_faces outgoing_speed / dx_a``.
+    """
+    _check_options(boundary, limiter)
+    faces = tuple(velocity_faces)
+    d = len(faces)
+    if d not in (2, 3):
+        raise ValueError(f"velocity_faces: expected 2 or 3 face tensors, got {d}")
+    shape = tuple(faces[1].shape[0:1]) + tuple(faces[0].shape[1:])
+    rho = faces[0].new_empty(shape)
+    faces = _check_faces(faces, _check_rho(rho), boundary)
+    return _cfl(faces, _check_dx(dx, d), dt, boundary, limiter)
+
+
+def _cfl(faces, dx, dt, boundary, limiter) -> float:
+    rate = _outgoing_rate(faces, dx, boundary)
+    return FACE_BOUND[limiter] * dt * float(rate.max()) if rate.numel() else 0.0
+
+
+# ----------------------------------------------------------------------------------------------
+# The torch reference of one finite-volume step
+# ----------------------------------------------------------------------------------------------
+
+def _limited_slope(a: Tensor, b: Tensor, limiter: str) -> Tensor:
+    """Limited cell slope from the backward and forward differences a, b (module docstring)."""
+    ab = a * b
+    if limiter == "minmod":
+        return torch.where(ab > 0, torch.where(a.abs() < b.abs(), a, b), torch.zeros_like(a))
+    # van Leer: harmonic mean; the safe denominator keeps the unselected branch finite.
+    return torch.where(ab > 0, 2 * ab / torch.where(ab > 0, a + b, torch.ones_like(a)), torch.zeros_like(a))
+
+
+def _flux_difference(rho: Tensor, u: Tensor, axis: int, periodic: bool, limiter: str) -> Tensor:
+    """``F_{i+1} - F_i`` along ``axis`` for every cell (shape of rho)."""
+    n = rho.shape[axis]
+    idx = torch.arange(-2, n + 2, device=rho.device)
+    idx = idx.remainder(n) if periodic else idx.clamp(0, n - 1)
+    ext = rho.index_select(axis, idx)                      # cells -2 .. n+1
+    cells = ext.narrow(axis, 1, n + 2)                     # cells -1 .. n
+    if limiter == "upwind":
+        hi = lo = cells
+    else:
+        diff = ext.narrow(axis, 1, n + 3) - ext.narrow(axis, 0, n + 3)
+        slope = _limited_slope(diff.narrow(axis, 0, n + 2), diff.narrow(axis, 1, n + 2), limiter)
+        hi, lo = cells + 0.5 * slope, cells - 0.5 * slope
+    left = hi.narrow(axis, 0, n + 1)                       # face f: state of cell f - 1
+    right = lo.narrow(axis, 1, n + 1)                      # face f: state of cell f
+    if periodic:  # face n is face 0
+        u = torch.cat([u.narrow(axis, 0, n), u.narrow(axis, 0, 1)], axis)
+    flux = u.clamp(min=0) * left + u.clamp(max=0) * right
+    if not periodic:
+        keep = torch.ones(n + 1, dtype=rho.dtype, device=rho.device)
+        keep[0] = keep[n] = 0
+        flux = flux * keep.reshape([-1 if i == axis else 1 for i in range(rho.dim())])
+    return flux.narrow(axis, 1, n) - flux.narrow(axis, 0, n)
+
+
+def transport_reference(rho: Tensor, faces: tuple, coef: tuple, periodic: bool, limiter: str) -> Tensor:
+    """One step with ``coef[a] = dt / dx_a``, no checks (the torch backend; differentiable)."""
+    out = rho
+    for a, (u, c) in enumerate(zip(faces, coef)):
+        out = out - c * _flux_difference(rho, u, a, periodic, limiter)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Backends of grid_transport
+# ----------------------------------------------------------------------------------------------
+
+class GridBackend:
+    """One implementation of the finite-volume step: ``why_not(rho)`` and ``transport``."""
+
+    name = "base"
+
+    def why_not(self, rho: Tensor) -> list:
+        return []
+
+    def transport(self, rho: Tensor, faces: tuple, coef: tuple, periodic: bool, limiter: str) -> Tensor:
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        return f"<sta grid backend {self.name!r}>"
+
+
+class _TorchGrid(GridBackend):
+    name = "torch"
+
+    def transport(self, rho, faces, coef, periodic, limiter):
+        return transport_reference(rho, faces, coef, periodic, limiter)
+
+
+def _compiled_op():
+    """``torch.ops.sta.grid_transport`` if the extension is loaded (or loadable), else a reason."""
+    try:
+        from . import _extension  # noqa: F401  (owned by the cpu backend: builds/loads sta._C)
+    except Exception as err:
+        return None, f"the C++ extension loader failed: {type(err).__name__}: {err}"
+    loader = getattr(_extension, "load", None)
+    if callable(loader):
+        try:
+            loader()
+        except Exception as err:
+            return None, f"the C++ extension is not built: {type(err).__name__}: {err}"
+    try:
+        return torch.ops.sta.grid_transport, None
+    except (AttributeError, RuntimeError):
+        return None, "the loaded extension has no sta::grid_transport op (rebuild: pip install -e .)"
+
+
+class _CompiledGrid(GridBackend):
+    """The C++ op ``sta::grid_transport`` (CPU kernel, and the CUDA kernel where built)."""
+
+    def __init__(self, name: str, device_type: str):
+        self.name, self.device_type = name, device_type
+
+    def why_not(self, rho):
+        reasons = []
+        if rho.device.type != self.device_type:
+            reasons.append(f"needs a {self.device_type} tensor, got {rho.device.type}")
+        op, reason = _compiled_op()
+        if op is None:
+            reasons.append(reason)
+        elif self.device_type == "cuda" and not torch._C._dispatch_has_kernel_for_dispatch_key(
+                "sta::grid_transport", "CUDA"):
+            reasons.append("the extension was built without CUDA")
+        return reasons
+
+    def transport(self, rho, faces, coef, periodic, limiter):
+        u3 = faces[2] if len(faces) == 3 else rho.new_empty(0)
+        c3 = coef[2] if len(coef) == 3 else 0.0
+        return torch.ops.sta.grid_transport(rho.contiguous(), faces[0], faces[1], u3, coef[0], coef[1], c3,
+                                            periodic, LIMITERS[limiter])
+
+
+class _TritonGrid(GridBackend):
+    name = "triton"
+
+    def why_not(self, rho):
+        reasons = []
+        try:
+            from .kernels import grid_transport as _  # noqa: F401
+        except Exception as err:
+            reasons.append(f"triton is not usable: {type(err).__name__}: {err}")
+        if rho.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+            reasons.append(f"needs a CUDA tensor (or TRITON_INTERPRET=1 on the CPU), got {rho.device.type}")
+        return reasons
+
+    def transport(self, rho, faces, coef, periodic, limiter):
+        from .kernels.grid_transport import grid_transport_fwd
+
+        return grid_transport_fwd(rho.contiguous(), faces, coef, periodic, LIMITERS[limiter])
+
+
+_GRID_BACKENDS = {
+    "torch": _TorchGrid(),
+    "cpu": _CompiledGrid("cpu", "cpu"),
+    "triton": _TritonGrid(),
+    "cuda": _CompiledGrid("cuda", "cuda"),
+}
+#: auto, fastest first, per device type (the Triton interpreter is never picked automatically).
+_GRID_AUTO = {"cuda": ("cuda", "triton", "torch"), "cpu": ("cpu", "torch")}
+
+
+def grid_backends() -> list:
+    """Every grid transport backend, reference first."""
+    return list(_GRID_BACKENDS.values())
+
+
+def select_grid_backend(rho: Tensor, backend: str = "auto") -> GridBackend:
+    """The backend that runs grid_transport on ``rho``; a named one runs or raises with its reasons."""
+    from .backends import BACKEND_NAMES, BackendUnavailableError, requested_backend
+
+    name = requested_backend(backend)
+    if name != "auto":
+        chosen = _GRID_BACKENDS[name]
+        reasons = chosen.why_not(rho)
+        if reasons:
+            raise BackendUnavailableError(f"backend {name!r} cannot run grid_transport: " + "; ".join(reasons)
+                                          + ". Use backend='auto' to fall back.")
+        return chosen
+    for candidate in _GRID_AUTO.get(rho.device.type, ("torch",)):
+        if candidate in BACKEND_NAMES and not _GRID_BACKENDS[candidate].why_not(rho):
+            return _GRID_BACKENDS[candidate]
+    return _GRID_BACKENDS["torch"]
+
+
+# ----------------------------------------------------------------------------------------------
+# Public ops
+# ----------------------------------------------------------------------------------------------
+
+def _check_dt(dt) -> float:
+    if not isinstance(dt, numbers.Real) or isinstance(dt, bool) or not math.isfinite(dt) or dt < 0:
+        raise ValueError(f"dt: expected a finite float >= 0, got {dt!r}")
+    return float(dt)
+
+
+def grid_transport(rho: Tensor, velocity_faces, dx, dt: float, *, boundary: str = "zero_flux",
+                   limiter: str = "van_leer", backend: str = "auto") -> Tensor:
+    """One conservative finite-volume step of ``d rho/dt + div(rho u) = 0`` (module docstring).
+
+    Args:
+        rho: (N1, N2) or (N1, N2, N3) cell densities, float32 or float64.
+        velocity_faces: ``(u1, u2[, u3])``, u_a the normal velocity on the faces of axis a, shape of
+            rho with ``N_a + 1`` along axis a (e.g. u1: (N1 + 1, N2), u2: (N1, N2 + 1)).
+        dx: the cell width, one positive float or one per axis.
+        dt: the step, >= 0; the CFL number (:func:`cfl_number`) must be <= 1.
+        boundary: "zero_flux" (no flux through the domain boundary; the boundary faces' velocities
+            are ignored) or "periodic" (face N_a is face 0; their velocities must agree).
+        limiter: "van_leer" (default), "minmod" or "upwind" (first order).
+        backend: "auto", "torch", "cpu", "triton" or "cuda".
+
+    Returns:
+        rho after the step, the shape of rho. ``rho_new.sum() == rho.sum()`` up to rounding, and
+        ``rho >= 0`` implies ``rho_new >= 0``.
+
+    Raises:
+        TypeError / ValueError naming the argument (shapes, dtypes, devices, dx <= 0, ...), and
+        ValueError when the CFL number exceeds 1 (the message gives the largest stable dt).
+    """
+    rho = _check_rho(rho)
+    _check_options(boundary, limiter)
+    dx = _check_dx(dx, rho.dim())
+    dt = _check_dt(dt)
+    faces = _check_faces(velocity_faces, rho, boundary)
+    cfl = _cfl(faces, dx, dt, boundary, limiter)
+    if cfl > 1:
+        raise ValueError(f"dt: the CFL number is {cfl:.4g} > 1 (limiter {limiter!r} needs "
+                         f"{FACE_BOUND[limiter]:g} * dt * max outgoing |u|/dx per cell <= 1 for positivity); "
+                         f"the largest stable dt is {dt / cfl:.6g}, or use sta.transport_for to sub-step")
+    return _step(rho, faces, dx, dt, boundary, limiter, select_grid_backend(rho, backend))
+
+
+def _step(rho, faces, dx, dt, boundary, limiter, impl) -> Tensor:
+    coef = tuple(dt / h for h in dx)
+    return impl.transport(rho, faces, coef, boundary == "periodic", limiter)
+
+
+def transport_for(rho: Tensor, velocity_faces, dx, time: float = 1.0, *, boundary: str = "zero_flux",
+                  limiter: str = "van_leer", cfl: float = SUBSTEP_CFL, backend: str = "auto") -> Tensor:
+    """Transport ``rho`` for ``time`` in equal sub-steps of :func:`grid_transport`.
+
+    The number of sub-steps is the smallest n with CFL number ``<= cfl`` (default 0.9) for
+    ``dt = time / n``, at least 1. Arguments as in :func:`grid_transport`. Returns rho after ``time``.
+    """
+    rho = _check_rho(rho)
+    _check_options(boundary, limiter)
+    dx = _check_dx(dx, rho.dim())
+    time = _check_dt(time)
+    if not isinstance(cfl, numbers.Real) or not 0 < cfl <= 1:
+        raise ValueError(f"cfl: expected a target CFL number in (0, 1], got {cfl!r}")
+    faces = _check_faces(velocity_faces, rho, boundary)
+    steps = max(1, math.ceil(_cfl(faces, dx, time, boundary, limiter) / cfl))
+    impl = select_grid_backend(rho, backend)
+    for _ in range(steps):
+        rho = _step(rho, faces, dx, time / steps, boundary, limiter, impl)
+    return rho
+
+
+def grid_divergence(velocity, dx) -> Tensor:
+    """Divergence on the grid by central differences.
+
+    Args:
+        velocity: either the face velocities ``(u1, u2[, u3])`` (layout of :func:`grid_transport`),
+            giving the compact difference ``sum_a (u_a[i + 1] - u_a[i]) / dx_a`` at the cell centres
+            (exactly the divergence the finite-volume step sees), or centre velocities
+            ``(N1, N2, 2)`` / ``(N1, N2, N3, 3)``, giving ``sum_a d v_a / d x_a`` by second-order
+            central differences (one-sided second order at the edges).
+        dx: the cell width, a positive float or one per axis.
+
+    Returns:
+        (N1, N2) or (N1, N2, N3): the in-plane divergence at the cell centres.
+    """
+    if isinstance(velocity, (tuple, list)):
+        d = len(velocity)
+        if d not in (2, 3) or not all(isinstance(u, Tensor) and u.dim() == d for u in velocity):
+            raise ValueError("velocity: expected 2 or 3 face tensors (u1, u2[, u3]) of rank 2 or 3")
+        shape = (velocity[0].shape[0] - 1,) + tuple(velocity[0].shape[1:])
+        _check_faces(velocity, velocity[0].new_empty(shape), "zero_flux")
+        h = _check_dx(dx, d)
+        return sum(torch.diff(u, dim=a) / h[a] for a, u in enumerate(velocity))
+    v = _check_centre_velocity(velocity)
+    d = v.shape[-1]
+    h = _check_dx(dx, d)
+    return sum(_central(v[..., a], a, h[a]) for a in range(d))
+
+
+def grid_curl(velocity: Tensor, dx) -> Tensor:
+    """Curl of centre velocities by second-order central differences (one-sided at the edges).
+
+    Args:
+        velocity: (N1, N2, 2) or (N1, N2, N3, 3) in-plane components at the cell centres
+            (e.g. :attr:`LatentGrid.plane`).
+        dx: the cell width, a positive float or one per axis.
+
+    Returns:
+        2-D: (N1, N2) scalar vorticity ``d v2/d x1 - d v1/d x2``;
+        3-D: (N1, N2, N3, 3) the curl vector.
+    """
+    v = _check_centre_velocity(velocity)
+    d = v.shape[-1]
+    h = _check_dx(dx, d)
+
+    def partial(comp, axis):
+        return _central(v[..., comp], axis, h[axis])
+
+    if d == 2:
+        return partial(1, 0) - partial(0, 1)
+    return torch.stack([partial(2, 1) - partial(1, 2), partial(0, 2) - partial(2, 0), partial(1, 0) - partial(0, 1)], -1)
+
+
+def _check_centre_velocity(velocity) -> Tensor:
+    if not isinstance(velocity, Tensor):
+        raise TypeError(f"velocity: expected a Tensor (N1, N2, 2) / (N1, N2, N3, 3) or a tuple of face tensors, "
+                        f"got {type(velocity).__name__}")
+    if velocity.dim() not in (3, 4) or velocity.shape[-1] != velocity.dim() - 1:
+        raise ValueError(f"velocity: expected shape (N1, N2, 2) or (N1, N2, N3, 3), got {tuple(velocity.shape)}")
+    if any(n < 3 for n in velocity.shape[:-1]):
+        raise ValueError(f"velocity: central differences need at least 3 cells per axis, got {tuple(velocity.shape)}")
+    if not velocity.is_floating_point():
+        raise TypeError(f"velocity: expected a floating-point tensor, got {_dtype_name(velocity.dtype)}")
+    return velocity
+
+
+def _central(f: Tensor, axis: int, h: float) -> Tensor:
+    return torch.gradient(f, spacing=h, dim=axis, edge_order=2)[0]
