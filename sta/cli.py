@@ -1,12 +1,18 @@
 """Command line: ``sta <command>`` (also ``python -m sta <command>``).
 
 Commands:
-  demo    time one flow_step on every available backend and print a table
-  info    versions, devices and backend availability (same as ``python -m sta.info``)
+  demo      time one flow_step on every available backend and print a table
+  info      versions, devices and backend availability (same as ``python -m sta.info``)
+  train     train a model (``--preset quick`` by default); ``torchrun ... -m sta train`` for several processes
+  evaluate  metrics of a run directory -> RUN_DIR/eval.json and a table
+  plot      figures of a run directory -> RUN_DIR/plots/*.png, *.gif
+  run       train + evaluate + plot in one command (default preset)
 """
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import sys
 import time
 
@@ -49,6 +55,83 @@ def _demo(args) -> int:
     return 0
 
 
+def _train_config(args):
+    from .train import apply_overrides, preset
+
+    config = preset(args.preset)
+    overrides = list(args.set or [])
+    if args.steps is not None:
+        overrides.append(f"steps={args.steps}")
+    if args.model is not None:
+        overrides.append(f"model.model={json.dumps(args.model)}")
+    if args.dataset is not None:
+        overrides.append(f"dataset={json.dumps(args.dataset)}")
+    if args.seed is not None:
+        overrides.append(f"seed={args.seed}")
+    return apply_overrides(config, overrides).validate()
+
+
+def _default_out(config) -> str:
+    return os.path.join("runs", f"{config.model.model}-{config.dataset}-{config.preset}")
+
+
+def _train(args) -> int:
+    from .train import train
+
+    config = _train_config(args)
+    out = args.out or _default_out(config)
+    if os.path.exists(os.path.join(out, "config.json")) and not args.resume:
+        raise _CLIError(f"{out!r} already holds a run; pass --resume to continue it or choose another --out")
+    train(config, out, resume=args.resume, progress=not args.quiet)
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"run directory: {out}")
+    return 0
+
+
+def _evaluate(args) -> int:
+    from .evaluate import evaluate, format_table
+
+    result = evaluate(args.run_dir, iw_samples=args.iw_samples)
+    print(format_table(result))
+    print(f"wrote {os.path.join(args.run_dir, 'eval.json')}")
+    return 0
+
+
+def _plot(args) -> int:
+    from .plots import plot_run
+
+    for path in plot_run(args.run_dir):
+        print(path)
+    return 0
+
+
+def _run(args) -> int:
+    args.resume = False
+    _train(args)
+    if int(os.environ.get("RANK", "0")) != 0:
+        return 0
+    out = args.out or _default_out(_train_config(args))
+    args.run_dir, args.iw_samples = out, 64
+    _evaluate(args)
+    return _plot(args)
+
+
+class _CLIError(Exception):
+    """A user error: printed as one line, exit status 2."""
+
+
+def _add_train_arguments(parser) -> None:
+    parser.add_argument("--preset", default="quick", help="named configuration: quick (default), paper, tiny")
+    parser.add_argument("--steps", type=int, default=None, help="optimizer steps (overrides the preset)")
+    parser.add_argument("--out", default=None, help="run directory (default runs/MODEL-DATASET-PRESET)")
+    parser.add_argument("--model", default=None, help="sta (default), static, linear or dense")
+    parser.add_argument("--dataset", default=None, help="digits (default), shapes or sprites")
+    parser.add_argument("--seed", type=int, default=None)
+    parser.add_argument("--set", action="append", metavar="KEY=VALUE",
+                        help="override any config entry, e.g. --set model.latent=8 --set batch_size=16")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="sta", description="Sparse Transformation Analysis")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -62,8 +145,28 @@ def main(argv=None) -> int:
     demo.set_defaults(run=_demo)
     info = sub.add_parser("info", help="versions, devices and backend availability")
     info.set_defaults(run=lambda args: print(__import__("sta.info", fromlist=["report"]).report()) or 0)
+    train = sub.add_parser("train", help="train a model into a run directory")
+    _add_train_arguments(train)
+    train.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    train.set_defaults(run=_train)
+    evaluate = sub.add_parser("evaluate", help="metrics of a run -> RUN_DIR/eval.json")
+    evaluate.add_argument("run_dir")
+    evaluate.add_argument("--iw-samples", type=int, default=64, help="samples of the importance-weighted bound")
+    evaluate.set_defaults(run=_evaluate)
+    plot = sub.add_parser("plot", help="figures of a run -> RUN_DIR/plots/")
+    plot.add_argument("run_dir")
+    plot.set_defaults(run=_plot)
+    run = sub.add_parser("run", help="train + evaluate + plot (default preset)")
+    _add_train_arguments(run)
+    run.set_defaults(run=_run)
     args = parser.parse_args(argv)
-    return args.run(args)
+    from .train import ConfigError
+
+    try:
+        return args.run(args)
+    except (_CLIError, ConfigError) as err:
+        print(f"sta {args.command}: error: {err}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -7,4 +7,198 @@ from __future__ import annotations
 
 # --- model plots (sta plot RUN_DIR): loss curves, reconstructions, traversals, latent flows ---
 
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _image_grid(images, rows: int, cols: int, pad: int = 1):
+    """``images: (rows*cols, C, S, S)`` tensor in [0, 1] -> one ``(H, W, C)`` numpy array."""
+    import torch
+
+    images = images.detach().float().clamp(0, 1).cpu()
+    n, c, s, _ = images.shape
+    grid = torch.ones(c, rows * (s + pad) + pad, cols * (s + pad) + pad)
+    for i in range(n):
+        r, col = divmod(i, cols)
+        grid[:, pad + r * (s + pad):pad + r * (s + pad) + s, pad + col * (s + pad):pad + col * (s + pad) + s] = images[i]
+    array = grid.permute(1, 2, 0).numpy()
+    return array[..., 0] if c == 1 else array
+
+
+def plot_loss_curves(metrics_file: str, path: str) -> str:
+    """Every ELBO term of ``metrics.jsonl`` against the step (log scale for positive terms)."""
+    import json
+
+    plt = _pyplot()
+    with open(metrics_file) as f:
+        records = [json.loads(line) for line in f if line.strip()]
+    keys = ["loss", "recon", "kl_path", "kl_spike", "kl_slab", "hj"]
+    fig, axes = plt.subplots(2, 3, figsize=(12, 6))
+    steps = [r["step"] for r in records]
+    for ax, key in zip(axes.flat, keys):
+        values = [r[key] for r in records]
+        ax.plot(steps, values, lw=1)
+        if values and min(values) > 0:
+            ax.set_yscale("log")
+        ax.set_title(key)
+        ax.set_xlabel("step")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def plot_reconstructions(model, x, path: str, examples: int = 4) -> str:
+    """Rows per example: the true frames, then the prediction rolled forward from x_0 with the
+    inferred coefficients (frame 0 is the plain reconstruction). ``x: (N, T+1, C, S, S)``."""
+    import torch
+
+    plt = _pyplot()
+    x = x[:examples]
+    with torch.no_grad():
+        mu, _ = model.encode(x[:, 0])
+        g, _ = model.infer_coefficients(x)
+        pred = model.mean_image(model.rollout(mu, g).flatten(0, 1)).view_as(x)
+    n, T1 = x.shape[:2]
+    images = torch.stack([x, pred], 1).flatten(0, 2)  # rows: true_0, pred_0, true_1, ...
+    fig, ax = plt.subplots(figsize=(T1 * 0.9, 2 * n * 0.9 + 0.5))
+    ax.imshow(_image_grid(images, 2 * n, T1), cmap="gray")
+    ax.set_title("odd rows: true frames; even rows: rolled forward from x_0 with inferred coefficients")
+    ax.axis("off")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def field_traversals(model, x0, steps: int):
+    """Decode the path of each field switched on alone at unit speed from every ``x0: (N, C, S, S)``.
+
+    Returns ``(K, N, steps+1, C, S, S)`` mean images.
+    """
+    import torch
+
+    K, Kc = model.config.num_fields, model.config.num_coefficients
+    with torch.no_grad():
+        mu, _ = model.encode(x0)
+        out = []
+        for k in range(K):
+            g = torch.zeros(x0.shape[0], steps, Kc)
+            g[..., k] = 1.0
+            if Kc == 2 * K:
+                g[..., K + k] = 1.0
+            z = model.rollout(mu, g)
+            out.append(model.mean_image(z.flatten(0, 1)).view(x0.shape[0], steps + 1, *x0.shape[1:]))
+    return torch.stack(out)
+
+
+def plot_traversals(model, x0, directory: str, steps: int = 8, names=None) -> list:
+    """One PNG grid (rows: examples, columns: steps) and one animated GIF per learned field."""
+    import os
+
+    from PIL import Image
+
+    plt = _pyplot()
+    paths = []
+    trav = field_traversals(model, x0, steps)
+    for k in range(trav.shape[0]):
+        n = trav.shape[1]
+        fig, ax = plt.subplots(figsize=((steps + 1) * 0.9, n * 0.9 + 0.5))
+        ax.imshow(_image_grid(trav[k].flatten(0, 1), n, steps + 1), cmap="gray")
+        ax.set_title(f"field {k}" + (f" (matched: {names[k]})" if names and names[k] else "") + ", unit speed")
+        ax.axis("off")
+        fig.tight_layout()
+        path = os.path.join(directory, f"traversal_field{k}.png")
+        fig.savefig(path, dpi=100)
+        plt.close(fig)
+        paths.append(path)
+        frames = []
+        for t in range(steps + 1):
+            array = _image_grid(trav[k, :, t], 1, n)
+            array = (array * 255).round().astype("uint8")
+            frame = Image.fromarray(array).resize((array.shape[1] * 3, array.shape[0] * 3), Image.NEAREST)
+            frames.append(frame.convert("P") if array.ndim == 3 else frame)
+        gif = os.path.join(directory, f"traversal_field{k}.gif")
+        frames[0].save(gif, save_all=True, append_images=frames[1:], duration=250, loop=0)
+        paths.append(gif)
+    return paths
+
+
+def plot_latent_flows(model, x0, path: str, resolution: int = 15, t: int = 0) -> str:
+    """The velocity of each field (unit coefficient) on a 2-D slice of latent space, coloured by
+    its divergence. The slice passes through the posterior mean of ``x0[0]`` along the two latent
+    coordinates in which the encoded ``x0: (N, C, S, S)`` vary most."""
+    import torch
+
+    from .ops import flow_step
+
+    plt = _pyplot()
+    K = model.config.num_fields
+    with torch.no_grad():
+        mu, _ = model.encode(x0)
+        spread = mu.std(0)
+        dims = spread.argsort(descending=True)[:2].tolist()
+        centre = mu[0]
+        axes_values = [torch.linspace(centre[d] - 2.5 * spread[d], centre[d] + 2.5 * spread[d], resolution) for d in dims]
+        a, b = torch.meshgrid(axes_values[0], axes_values[1], indexing="xy")
+        z = centre.repeat(resolution * resolution, 1)
+        z[:, dims[0]], z[:, dims[1]] = a.flatten(), b.flatten()
+        fig, axes = plt.subplots(1, K, figsize=(4.2 * K, 4), squeeze=False)
+        for k in range(K):
+            g = torch.zeros(z.shape[0], model.config.num_coefficients)
+            g[:, k] = 1.0
+            if g.shape[1] == 2 * K:
+                g[:, K + k] = 1.0
+            if model.config.model == "linear":
+                velocity, div = g @ model.directions, torch.zeros(z.shape[0])
+            else:
+                g_pot, g_rot = model.split_coefficients(g)
+                out = flow_step(z, float(t), g_pot, g_rot, model.fields, outputs=("z", "div"), backend="torch")
+                velocity, div = out.z - z, out.div
+            ax = axes[0, k]
+            q = ax.quiver(a.numpy(), b.numpy(), velocity[:, dims[0]].view(resolution, resolution).numpy(),
+                          velocity[:, dims[1]].view(resolution, resolution).numpy(),
+                          div.view(resolution, resolution).numpy(), cmap="coolwarm")
+            fig.colorbar(q, ax=ax, label="divergence")
+            ax.set_title(f"field {k}, t = {t}")
+            ax.set_xlabel(f"z[{dims[0]}]")
+            ax.set_ylabel(f"z[{dims[1]}]")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def plot_run(run_dir: str, examples: int = 4) -> list:
+    """Every figure of a run directory into RUN_DIR/plots/; returns the paths written."""
+    import json
+    import os
+
+    from .train import load_data, load_run
+
+    config, model, _ = load_run(run_dir)
+    directory = os.path.join(run_dir, "plots")
+    os.makedirs(directory, exist_ok=True)
+    paths = []
+    metrics = os.path.join(run_dir, "metrics.jsonl")
+    if os.path.exists(metrics):
+        paths.append(plot_loss_curves(metrics, os.path.join(directory, "loss_curves.png")))
+    x, _ = load_data(config, "test", num_sequences=max(examples, 16))
+    paths.append(plot_reconstructions(model, x, os.path.join(directory, "reconstructions.png"), examples))
+    if config.model.model != "static":
+        names = None
+        eval_file = os.path.join(run_dir, "eval.json")
+        if os.path.exists(eval_file):
+            with open(eval_file) as f:
+                names = json.load(f).get("field_assignment")
+        paths += plot_traversals(model, x[:examples, 0], directory, steps=config.T, names=names)
+        paths.append(plot_latent_flows(model, x[:, 0], os.path.join(directory, "latent_flows.png")))
+    return paths
+
+
 # --- latent grid transport plots (sta.grid): density evolution next to the particle picture ---

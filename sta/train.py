@@ -1,0 +1,364 @@
+"""Training: dataclass configs with named presets, a resumable loop, data-parallel over processes.
+
+    sta train [--preset quick] [--steps N] [--out RUN_DIR] [--resume] [--model sta] [--dataset digits]
+    torchrun --nproc_per_node=2 -m sta train ...
+
+A run directory holds ``config.json`` (the full :class:`TrainConfig`), ``metrics.jsonl`` (one JSON
+line per logged step with every ELBO term), ``checkpoints/last.pt`` (written atomically: temp
+file + ``os.replace``) and, after ``sta evaluate`` / ``sta plot``, ``eval.json`` and ``plots/``.
+
+Reproducibility. The data order is a pure function of (seed, step): epoch e uses the permutation
+drawn from ``seed`` and e, and step i takes the i-th batch of it, rank r every world-th index. The
+model's noise (z_0, spikes, speeds) comes from the global torch RNG, seeded per rank. A
+checkpoint stores the model, the optimizer, the step and every rank's torch / numpy / python RNG
+state, so ``--resume`` continues exactly where the run stopped (the test checks the parameters of
+a resumed run against an uninterrupted one).
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import sys
+import time
+from dataclasses import asdict, dataclass, field, fields as dataclass_fields, replace
+from typing import Optional
+
+import numpy as np
+import torch
+
+from . import distributed
+from .model import MODELS, ModelConfig, STAModel
+
+__all__ = ["TrainConfig", "PRESETS", "preset", "apply_overrides", "train", "load_run", "ConfigError"]
+
+
+class ConfigError(ValueError):
+    """A bad configuration (unknown preset, key or value); the CLI prints it on one line."""
+
+
+@dataclass
+class TrainConfig:
+    """Everything a run needs. ``model`` holds the :class:`ModelConfig`; the data-dependent model
+    sizes (channels, image_size, transitions) are filled in from the dataset.
+
+    preset: name it started from.  dataset: one of sta.data.DATASETS.  T: transitions per sequence.
+    image_size: None = the dataset's default.  num_sequences / eval_sequences: train / test sizes.
+    steps: optimizer steps.  batch_size: global batch (split over ranks).  lr: Adam learning rate.
+    slab_start: fraction of the run before which speeds are fixed at 1 (spike-only phase).
+    anneal_speedup: the temperature at step i is ``temperature_schedule(i * anneal_speedup)``, so a
+        short run can reach the annealed regime of the authors' 100k-step schedule.
+    checkpoint_every / log_every: in steps.  grad_clip: max global grad norm (None = off).
+    device: "auto", "cpu" or "cuda".  seed: everything random derives from it.
+    """
+
+    preset: str = "quick"
+    dataset: str = "digits"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    T: int = 8
+    image_size: Optional[int] = None
+    num_sequences: int = 1000
+    eval_sequences: int = 200
+    steps: int = 1500
+    batch_size: int = 32
+    lr: float = 1e-3
+    slab_start: float = 0.3
+    anneal_speedup: float = 1.0
+    checkpoint_every: int = 250
+    log_every: int = 10
+    grad_clip: Optional[float] = 1000.0
+    device: str = "cpu"
+    seed: int = 0
+
+    def validate(self) -> "TrainConfig":
+        from .data import DATASETS
+
+        if self.dataset not in DATASETS:
+            raise ConfigError(f"dataset: expected one of {DATASETS}, got {self.dataset!r}")
+        for name in ("T", "num_sequences", "eval_sequences", "steps", "batch_size", "checkpoint_every", "log_every"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ConfigError(f"{name}: expected a positive int, got {value!r}")
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise ConfigError(f"lr: expected a positive float, got {self.lr!r}")
+        if not 0.0 <= self.slab_start <= 1.0:
+            raise ConfigError(f"slab_start: expected a fraction in [0, 1], got {self.slab_start!r}")
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise ConfigError(f"device: expected 'auto', 'cpu' or 'cuda', got {self.device!r}")
+        return self
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TrainConfig":
+        d = dict(d)
+        known = {f.name for f in dataclass_fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ConfigError(f"config: unknown keys {unknown}")
+        try:
+            d["model"] = ModelConfig.from_dict(d.get("model", {}))
+            return cls(**d)
+        except (TypeError, ValueError) as err:
+            raise ConfigError(str(err)) from None
+
+
+def _quick() -> TrainConfig:
+    # Sized so one model trains in a few minutes on 2 CPU cores (see benchmarks/bench_models.py).
+    return TrainConfig(
+        preset="quick",
+        model=ModelConfig(latent=16, num_fields=3, hidden=32, conv=32),
+        T=8, image_size=28, num_sequences=1000, steps=1200, batch_size=32, lr=1e-3,
+        slab_start=0.3, anneal_speedup=50.0, checkpoint_every=200,
+    )
+
+
+def _paper() -> TrainConfig:
+    # The authors' sizes: latent 324, K = 3, T = 8 transitions, batch 128, Adam 1e-4.
+    return TrainConfig(
+        preset="paper",
+        model=ModelConfig(latent=324, num_fields=3, hidden=324, conv=64),
+        T=8, image_size=28, num_sequences=10000, eval_sequences=1000, steps=100000, batch_size=128,
+        lr=1e-4, slab_start=0.5, anneal_speedup=1.0, checkpoint_every=2000, log_every=50,
+    )
+
+
+def _tiny() -> TrainConfig:
+    # For tests and smoke runs: seconds on one core.
+    return TrainConfig(
+        preset="tiny",
+        model=ModelConfig(latent=6, num_fields=3, hidden=8, conv=8),
+        T=3, image_size=16, num_sequences=32, eval_sequences=16, steps=20, batch_size=8, lr=3e-3,
+        slab_start=0.5, anneal_speedup=1000.0, checkpoint_every=10, log_every=1,
+    )
+
+
+PRESETS = {"quick": _quick, "paper": _paper, "tiny": _tiny}
+
+
+def preset(name: str) -> TrainConfig:
+    """A fresh copy of the named preset (``quick`` is the default)."""
+    if name not in PRESETS:
+        raise ConfigError(f"unknown preset {name!r}; expected one of {sorted(PRESETS)}")
+    return PRESETS[name]()
+
+
+def apply_overrides(config: TrainConfig, overrides: list[str]) -> TrainConfig:
+    """``["steps=5", "model.latent=8", "image_size=none"]`` -> a new config (values parsed as JSON
+    when they parse, else kept as strings)."""
+    d = config.to_dict()
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"--set: expected KEY=VALUE, got {item!r}")
+        key, raw = item.split("=", 1)
+        try:
+            value = json.loads(raw)
+        except json.JSONDecodeError:
+            value = None if raw.lower() == "none" else raw
+        target, parts = d, key.split(".")
+        for part in parts[:-1]:
+            if not isinstance(target.get(part), dict):
+                raise ConfigError(f"--set: unknown key {key!r}")
+            target = target[part]
+        if parts[-1] not in target:
+            raise ConfigError(f"--set: unknown key {key!r}")
+        target[parts[-1]] = value
+    return TrainConfig.from_dict(d)
+
+
+# ----------------------------------------------------------------------------------------------
+# Data
+# ----------------------------------------------------------------------------------------------
+
+def load_data(config: TrainConfig, split: str = "train", single: bool = False, num_sequences=None):
+    """The dataset of a run: ``(x: (N, T+1, C, S, S) float32, dataset)``."""
+    from .data import make_dataset
+
+    n = num_sequences or (config.num_sequences if split == "train" else config.eval_sequences)
+    seed = config.seed if split == "train" else config.seed + 1
+    ds = make_dataset(config.dataset, split=split, num_sequences=n, T=config.T,
+                      image_size=config.image_size, seed=seed, single=single)
+    return ds.tensors()["x"].float(), ds
+
+
+def batch_indices(step: int, n: int, batch_size: int, seed: int, rank: int = 0, world: int = 1) -> torch.Tensor:
+    """The indices rank ``rank`` trains on at ``step``: a pure function of its arguments.
+
+    Epoch e is the permutation of ``range(n)`` drawn with seed ``(seed, e)``; incomplete final
+    batches are dropped. Rank r takes every world-th index of the global batch.
+    """
+    per_epoch = max(n // batch_size, 1)
+    epoch, offset = divmod(step, per_epoch)
+    gen = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    perm = torch.randperm(n, generator=gen)
+    batch = perm[offset * batch_size:(offset + 1) * batch_size]
+    return batch[rank::world]
+
+
+# ----------------------------------------------------------------------------------------------
+# Checkpoints
+# ----------------------------------------------------------------------------------------------
+
+def _rng_state() -> dict:
+    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+
+
+def _set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if state.get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_atomic(obj, path: str) -> None:
+    """torch.save to a temp file in the same directory, then os.replace (atomic on POSIX)."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "wb") as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def checkpoint_path(run_dir: str) -> str:
+    return os.path.join(run_dir, "checkpoints", "last.pt")
+
+
+def load_run(run_dir: str, map_location="cpu") -> tuple[TrainConfig, STAModel, dict]:
+    """``(config, model with the last checkpoint's weights, checkpoint dict)`` of a run directory."""
+    config_file = os.path.join(run_dir, "config.json")
+    if not os.path.isdir(run_dir):
+        raise ConfigError(f"run directory {run_dir!r} does not exist")
+    if not os.path.exists(config_file):
+        raise ConfigError(f"{run_dir!r} is not a run directory (no config.json)")
+    with open(config_file) as f:
+        config = TrainConfig.from_dict(json.load(f))
+    path = checkpoint_path(run_dir)
+    if not os.path.exists(path):
+        raise ConfigError(f"{run_dir!r} has no checkpoint ({path}); train it first")
+    ckpt = torch.load(path, map_location=map_location, weights_only=False)
+    model = STAModel(config.model)
+    model.load_state_dict(ckpt["model"])
+    model.eval()
+    return config, model, ckpt
+
+
+# ----------------------------------------------------------------------------------------------
+# The loop
+# ----------------------------------------------------------------------------------------------
+
+def schedules(config: TrainConfig, step: int) -> tuple[float, bool]:
+    """(Gumbel-sigmoid temperature, slab on?) at ``step``."""
+    from .priors import temperature_schedule
+
+    return temperature_schedule(int(step * config.anneal_speedup)), step >= config.slab_start * config.steps
+
+
+def train(config: TrainConfig, out: Optional[str] = None, resume: bool = False, progress: bool = True) -> STAModel:
+    """Train ``config`` (writing to run directory ``out`` when given); returns the model.
+
+    resume: continue from ``out/checkpoints/last.pt`` (the stored config.json wins, except
+    ``steps``, which may be raised to extend a run). Runs data-parallel when launched by torchrun.
+    """
+    config.validate()
+    ctx = distributed.setup(config.device)
+    try:
+        return _train(config, out, resume, progress, ctx)
+    finally:
+        distributed.teardown()
+
+
+def _train(config: TrainConfig, out, resume, progress, ctx) -> STAModel:
+    if resume:
+        if out is None or not os.path.exists(os.path.join(out, "config.json")):
+            raise ConfigError(f"--resume: {out!r} is not a run directory (no config.json)")
+        with open(os.path.join(out, "config.json")) as f:
+            stored = TrainConfig.from_dict(json.load(f))
+        config = replace(stored, steps=max(config.steps, stored.steps)) if config.steps != stored.steps else stored
+    if config.batch_size % ctx.world:
+        raise ConfigError(f"batch_size: {config.batch_size} is not divisible by the {ctx.world} processes")
+
+    x_all, ds = load_data(config, "train")
+    config.model = replace(config.model, channels=ds.channels, image_size=ds.image_size, transitions=ds.T)
+    torch.manual_seed(config.seed)  # identical initial weights on every rank
+    model = STAModel(config.model).to(ctx.device)
+    distributed.broadcast_parameters(model, ctx.world)
+    optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
+    step = 0
+    torch.manual_seed(config.seed * 7919 + 1 + ctx.rank)
+    np.random.seed((config.seed * 7919 + ctx.rank) % 2**32)
+    random.seed(config.seed * 7919 + ctx.rank)
+
+    ckpt_file = checkpoint_path(out) if out else None
+    if resume and ckpt_file and os.path.exists(ckpt_file):
+        ckpt = torch.load(ckpt_file, map_location=ctx.device, weights_only=False)
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        step = ckpt["step"]
+        if len(ckpt["rng"]) != ctx.world:
+            raise ConfigError(f"--resume: the checkpoint was written by {len(ckpt['rng'])} processes, "
+                              f"this run has {ctx.world}")
+        _set_rng_state(ckpt["rng"][ctx.rank])
+    if ctx.main and out:
+        os.makedirs(os.path.join(out, "checkpoints"), exist_ok=True)
+        with open(os.path.join(out, "config.json"), "w") as f:
+            json.dump(config.to_dict(), f, indent=2)
+        _truncate_metrics(os.path.join(out, "metrics.jsonl"), step)
+
+    def checkpoint(at: int) -> None:
+        states = distributed.gather_objects(_rng_state(), ctx.world)
+        if ctx.main and out:
+            save_atomic({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": at,
+                         "rng": states, "config": config.to_dict()}, ckpt_file)
+
+    from tqdm import tqdm
+
+    bar = tqdm(total=config.steps, initial=step, disable=not (progress and ctx.main), dynamic_ncols=True,
+               desc=f"{config.model.model} {config.dataset}", file=sys.stderr)
+    metrics_file = open(os.path.join(out, "metrics.jsonl"), "a") if (ctx.main and out) else None
+    start = time.perf_counter()
+    model.train()
+    try:
+        while step < config.steps:
+            idx = batch_indices(step, x_all.shape[0], config.batch_size, config.seed, ctx.rank, ctx.world)
+            x = x_all[idx].to(ctx.device)
+            temperature, slab = schedules(config, step)
+            terms = model.elbo(x, temperature=temperature, slab=slab)
+            optimizer.zero_grad(set_to_none=True)
+            terms.loss.backward()
+            distributed.average_gradients(model.parameters(), ctx.world)
+            if config.grad_clip:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+            optimizer.step()
+            step += 1
+            scalars = terms.scalars()
+            if metrics_file and (step % config.log_every == 0 or step == config.steps):
+                record = {"step": step, "time": round(time.perf_counter() - start, 3),
+                          "temperature": temperature, "slab": slab, **scalars}
+                metrics_file.write(json.dumps(record) + "\n")
+                metrics_file.flush()
+            bar.set_postfix({k: f"{scalars[k]:.1f}" for k in ("loss", "recon", "kl_path", "kl_spike", "kl_slab")},
+                            refresh=False)
+            bar.update(1)
+            if step % config.checkpoint_every == 0 or step == config.steps:
+                checkpoint(step)
+    finally:
+        bar.close()
+        if metrics_file:
+            metrics_file.close()
+    model.eval()
+    return model
+
+
+def _truncate_metrics(path: str, step: int) -> None:
+    """Drop logged lines after ``step`` (a resumed run logs them again)."""
+    if not os.path.exists(path):
+        return
+    with open(path) as f:
+        lines = [line for line in f if line.strip() and json.loads(line)["step"] <= step]
+    with open(path, "w") as f:
+        f.writelines(lines)
