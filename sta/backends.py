@@ -91,6 +91,11 @@ class Backend:
             reasons.append(f"dtype {str(request.dtype).replace('torch.', '')} not supported (supports {names})")
         return reasons
 
+    def why_not_auto(self, request: StepRequest) -> list[str]:
+        """Reasons ``auto`` skips this backend: ``why_not`` plus modes that run only when named
+        (e.g. the Triton interpreter on CPU, a test mode)."""
+        return self.why_not(request)
+
     def potential_terms(self, z, g, params, want):
         raise NotImplementedError
 
@@ -205,7 +210,7 @@ def select(request: StepRequest, backend: Optional[str] = "auto") -> Backend:
     _load_plugins()
     for candidate in AUTO_ORDER:
         chosen = _REGISTRY[candidate]
-        if not chosen.why_not(request):
+        if not chosen.why_not_auto(request):
             return chosen
     raise BackendUnavailableError("no backend can run this flow_step: " + "; ".join(
         f"{b.name}: {', '.join(b.why_not(request))}" for b in all_backends()))
