@@ -6,12 +6,16 @@ Public API::
     sta.flow_step            the fused sparse flow step (functional), see help(sta.flow_step)
     sta.FlowStepOut          its result
     sta.nn.SparseFlowLayer   drop-in module over flow_step, with the log-density update
+    sta.latent_grid          the field mix sampled on a 2-D/3-D grid of latent coordinates (sta.grid)
+    sta.grid_transport       one conservative finite-volume step of the density; sta.transport_for
+    sta.grid_divergence      divergence / curl on the grid by central differences; sta.grid_curl
 
 ``python -m sta.info`` prints versions, devices and the availability of every backend.
 """
 from . import nn, reference
 from .backends import BackendUnavailableError
 from .fields import FieldBank, PotentialFields, RotationalFields, TimeEmbedding
+from .grid import LatentGrid, grid_curl, grid_divergence, grid_transport, latent_grid, transport_for
 from .ops import OUTPUT_NAMES, FlowStepOut, flow_step
 
 __version__ = "0.1.0"
@@ -25,6 +29,12 @@ __all__ = [
     "FlowStepOut",
     "OUTPUT_NAMES",
     "BackendUnavailableError",
+    "LatentGrid",
+    "latent_grid",
+    "grid_transport",
+    "transport_for",
+    "grid_divergence",
+    "grid_curl",
     "nn",
     "reference",
     "__version__",

@@ -37,9 +37,10 @@ This module's CFL number is therefore
 
 (the sum of the outgoing Courant numbers of a cell, in all axes at once: the scheme is unsplit,
 weighted by the limiter's bound). ``cfl <= 1`` guarantees ``rho_new >= 0``; :func:`grid_transport`
-raises when ``cfl > 1`` and names the largest stable ``dt``. :func:`transport_for` sub-steps a
-whole time interval with ``cfl <= 0.9``. The scheme is first order in time (forward Euler) and
-second order in space where the density is smooth (the limiter drops it to first order at extrema).
+raises when ``cfl > 1`` and names the largest stable ``dt``. One step is forward Euler in time
+(first order) and second order in space where the density is smooth (the limiter drops it to
+first order at extrema); :func:`transport_for` sub-steps a whole time interval with ``cfl <= 0.9``
+and by default combines two steps into the SSP Heun scheme, second order in time.
 
 Backends: ``torch`` (this module, the reference), ``cpu`` (C++ op ``sta::grid_transport`` from
 csrc/cpu/grid_transport.cpp), ``cuda`` (csrc/cuda/grid_transport.cu) and ``triton``
@@ -350,7 +351,7 @@ def cfl_number(velocity_faces, dx, dt: float, *, boundary: str = "zero_flux", li
 
 def _cfl(faces, dx, dt, boundary, limiter) -> float:
     rate = _outgoing_rate(faces, dx, boundary)
-    return FACE_BOUND[limiter] * dt * float(rate.max()) if rate.numel() else 0.0
+    return FACE_BOUND[limiter] * dt * float(rate.detach().max()) if rate.numel() else 0.0
 
 
 # ----------------------------------------------------------------------------------------------
@@ -425,22 +426,33 @@ class _TorchGrid(GridBackend):
         return transport_reference(rho, faces, coef, periodic, limiter)
 
 
+_fake_registered = False
+
+
 def _compiled_op():
-    """``torch.ops.sta.grid_transport`` if the extension is loaded (or loadable), else a reason."""
+    """``(torch.ops.sta.grid_transport, None)`` once the extension is loaded, else ``(None, reason)``."""
+    global _fake_registered
     try:
-        from . import _extension  # noqa: F401  (owned by the cpu backend: builds/loads sta._C)
+        from . import _extension  # owned by the cpu backend: loads sta._C or builds it just in time
     except Exception as err:
         return None, f"the C++ extension loader failed: {type(err).__name__}: {err}"
-    loader = getattr(_extension, "load", None)
-    if callable(loader):
-        try:
-            loader()
-        except Exception as err:
-            return None, f"the C++ extension is not built: {type(err).__name__}: {err}"
+    if _extension.load() is None:
+        return None, f"the C++ extension is not available: {_extension.error()}"
     try:
-        return torch.ops.sta.grid_transport, None
+        op = torch.ops.sta.grid_transport
     except (AttributeError, RuntimeError):
-        return None, "the loaded extension has no sta::grid_transport op (rebuild: pip install -e .)"
+        return None, "the loaded extension has no sta::grid_transport op (rebuild: pip install --no-build-isolation -e .)"
+    if not _fake_registered:  # static output shape: lets torch.compile / opcheck trace the op
+        try:
+            torch.library.register_fake("sta::grid_transport")(_grid_transport_fake)
+        except RuntimeError:  # already registered (module reloaded)
+            pass
+        _fake_registered = True
+    return op, None
+
+
+def _grid_transport_fake(rho, u0, u1, u2, c0, c1, c2, periodic, limiter):
+    return torch.empty_like(rho, memory_format=torch.contiguous_format)
 
 
 class _CompiledGrid(GridBackend):
@@ -572,11 +584,17 @@ def _step(rho, faces, dx, dt, boundary, limiter, impl) -> Tensor:
 
 
 def transport_for(rho: Tensor, velocity_faces, dx, time: float = 1.0, *, boundary: str = "zero_flux",
-                  limiter: str = "van_leer", cfl: float = SUBSTEP_CFL, backend: str = "auto") -> Tensor:
+                  limiter: str = "van_leer", cfl: float = SUBSTEP_CFL, time_order: int = 2,
+                  backend: str = "auto") -> Tensor:
     """Transport ``rho`` for ``time`` in equal sub-steps of :func:`grid_transport`.
 
     The number of sub-steps is the smallest n with CFL number ``<= cfl`` (default 0.9) for
-    ``dt = time / n``, at least 1. Arguments as in :func:`grid_transport`. Returns rho after ``time``.
+    ``dt = time / n``, at least 1. ``time_order=1``: each sub-step is one forward-Euler step
+    (first order in time, so first order overall at a fixed CFL); ``time_order=2`` (default): the
+    strong-stability-preserving Heun scheme ``rho1 = S(rho), rho <- (rho + S(rho1)) / 2`` with S one
+    step: second order in time, and a convex combination of positive conservative steps, so mass
+    and positivity hold under the same CFL condition (twice the work). Other arguments as in
+    :func:`grid_transport`. Returns rho after ``time``.
     """
     rho = _check_rho(rho)
     _check_options(boundary, limiter)
@@ -587,8 +605,13 @@ def transport_for(rho: Tensor, velocity_faces, dx, time: float = 1.0, *, boundar
     faces = _check_faces(velocity_faces, rho, boundary)
     steps = max(1, math.ceil(_cfl(faces, dx, time, boundary, limiter) / cfl))
     impl = select_grid_backend(rho, backend)
+    if time_order not in (1, 2):
+        raise ValueError(f"time_order: expected 1 (forward Euler) or 2 (SSP Heun), got {time_order!r}")
     for _ in range(steps):
-        rho = _step(rho, faces, dx, time / steps, boundary, limiter, impl)
+        nxt = _step(rho, faces, dx, time / steps, boundary, limiter, impl)
+        if time_order == 2:
+            nxt = 0.5 * (rho + _step(nxt, faces, dx, time / steps, boundary, limiter, impl))
+        rho = nxt
     return rho
 
 
