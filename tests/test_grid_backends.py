@@ -1,0 +1,131 @@
+"""Backends of grid_transport (sta.grid): parity with the torch reference, dispatch, the op contract.
+
+triton runs under the interpreter on CPU-only machines (tests/conftest.py sets TRITON_INTERPRET=1);
+cpu needs the C++ extension (built just in time by sta._extension); cuda needs a GPU. A backend
+that cannot run here is skipped with its own reasons.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import sta
+from sta.backends import BackendUnavailableError
+from sta.grid import LIMITERS, _GRID_BACKENDS, cfl_number, select_grid_backend
+from tests.tolerances import assert_close
+
+FAST = ("cpu", "triton", "cuda")
+
+
+def _device_for(backend):
+    return torch.device("cuda") if backend == "cuda" else torch.device("cpu")
+
+
+def _require(backend, device):
+    reasons = _GRID_BACKENDS[backend].why_not(torch.empty(2, 2, device=device))
+    if reasons:
+        pytest.skip(f"{backend} unavailable: " + "; ".join(reasons))
+
+
+def _case(shape, periodic, dtype, device, scale=1.0):
+    rho = (torch.rand(shape, dtype=torch.float64) ** 2).to(dtype)
+    faces = []
+    for a in range(len(shape)):
+        fshape = shape[:a] + (shape[a] + 1,) + shape[a + 1:]
+        u = scale * torch.randn(fshape, dtype=torch.float64)
+        if periodic:
+            u.narrow(a, shape[a], 1).copy_(u.narrow(a, 0, 1))
+        faces.append(u.to(dtype))
+    return rho.to(device), tuple(f.to(device) for f in faces)
+
+
+def _params(backend):
+    marks = [pytest.mark.gpu] if backend == "cuda" else []
+    return pytest.param(backend, marks=marks, id=backend)
+
+
+# Odd sizes; 37 * 29 = 1073 cells crosses the Triton block of 1024; (1, 5) and (4, 1, 3) are degenerate axes.
+SHAPES = [(37, 29), (1, 5), (7, 6, 5), (4, 1, 3)]
+
+
+@pytest.mark.parametrize("backend", [_params(b) for b in FAST])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["float32", "float64"])
+@pytest.mark.parametrize("boundary", ["zero_flux", "periodic"])
+@pytest.mark.parametrize("limiter", tuple(LIMITERS))
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_parity_with_the_reference(backend, dtype, boundary, limiter, shape):
+    device = _device_for(backend)
+    _require(backend, device)
+    rho, faces = _case(shape, boundary == "periodic", dtype, device)
+    dx = tuple(0.3 + 0.1 * a for a in range(len(shape)))
+    dt = 0.9 / cfl_number(faces, dx, 1.0, boundary=boundary, limiter=limiter)
+    kwargs = dict(boundary=boundary, limiter=limiter)
+    expected = sta.grid_transport(rho, faces, dx, dt, backend="torch", **kwargs)
+    got = sta.grid_transport(rho, faces, dx, dt, backend=backend, **kwargs)
+    assert got.dtype == dtype and got.device.type == device.type and got.shape == rho.shape
+    assert_close(got, expected, dtype, what=f"{backend} grid_transport")
+
+
+@pytest.mark.parametrize("backend", [_params(b) for b in FAST])
+@pytest.mark.parametrize("boundary", ["zero_flux", "periodic"])
+def test_mass_conserved_over_100_steps(backend, boundary):
+    device = _device_for(backend)
+    _require(backend, device)
+    rho, faces = _case((24, 20), boundary == "periodic", torch.float64, device)
+    dt = 0.95 / cfl_number(faces, 0.5, 1.0, boundary=boundary)
+    mass = rho.sum()
+    for _ in range(100):
+        rho = sta.grid_transport(rho, faces, 0.5, dt, boundary=boundary, backend=backend)
+    assert rho.min() >= 0
+    assert abs((rho.sum() - mass) / mass).item() <= 1e-12
+
+
+@pytest.mark.parametrize("backend", [_params(b) for b in FAST])
+def test_non_contiguous_inputs(backend):
+    device = _device_for(backend)
+    _require(backend, device)
+    rho, faces = _case((9, 8), False, torch.float32, device)
+    rho_t = rho.T.contiguous().T  # same values, column-major
+    faces_t = tuple(u.T.contiguous().T for u in faces)
+    assert not rho_t.is_contiguous()
+    expected = sta.grid_transport(rho, faces, 0.5, 0.01, backend="torch")
+    assert_close(sta.grid_transport(rho_t, faces_t, 0.5, 0.01, backend=backend), expected, torch.float32)
+
+
+def test_auto_picks_the_compiled_cpu_op_never_the_interpreter():
+    rho = torch.rand(4, 4)
+    chosen = select_grid_backend(rho, "auto")
+    expected = "cpu" if not _GRID_BACKENDS["cpu"].why_not(rho) else "torch"
+    assert chosen.name == expected
+
+
+def test_forced_unavailable_backend_lists_its_reasons():
+    rho, faces = _case((5, 4), False, torch.float32, torch.device("cpu"), scale=0.1)
+    with pytest.raises(BackendUnavailableError, match="backend 'cuda' cannot run grid_transport: needs a cuda tensor"):
+        sta.grid_transport(rho, faces, 1.0, 0.1, backend="cuda")
+
+
+def test_sta_backend_environment_variable(monkeypatch):
+    monkeypatch.setenv("STA_BACKEND", "torch")
+    assert select_grid_backend(torch.rand(3, 3)).name == "torch"
+
+
+def test_opcheck_of_the_compiled_op():
+    rho, faces = _case((6, 5), False, torch.float64, torch.device("cpu"))
+    _require("cpu", rho.device)
+    op = torch.ops.sta.grid_transport.default
+    torch.library.opcheck(op, (rho, faces[0], faces[1], rho.new_empty(0), 0.01, 0.02, 0.0, False, 2),
+                          test_utils=("test_schema", "test_faketensor"))
+    rho3, faces3 = _case((4, 3, 5), True, torch.float32, torch.device("cpu"))
+    torch.library.opcheck(op, (rho3, *faces3, 0.01, 0.02, 0.03, True, 1), test_utils=("test_schema", "test_faketensor"))
+
+
+def test_compiled_op_traces_under_torch_compile():
+    _require("cpu", torch.device("cpu"))
+    rho, faces = _case((8, 7), False, torch.float32, torch.device("cpu"))
+
+    def step(r, u1, u2):
+        return torch.ops.sta.grid_transport(r, u1, u2, r.new_empty(0), 0.01, 0.01, 0.0, False, 2)
+
+    compiled = torch.compile(step, fullgraph=True, backend="eager")
+    assert_close(compiled(rho, *faces), step(rho, *faces), torch.float32)
