@@ -21,7 +21,7 @@ import warnings
 
 #: Compiler flags. -fopenmp: at::parallel_for is a header template that needs OpenMP to run in
 #: parallel; the extension then links the libgomp.so.1 that torch already loaded.
-CXX_FLAGS = ["-O3", "-fopenmp", "-Wno-unused-parameter"]
+CXX_FLAGS = ["-O3", "-g0", "-fopenmp", "-Wno-unused-parameter"]
 LINK_FLAGS = ["-fopenmp"]
 NVCC_FLAGS = ["-O3", "--use_fast_math", "-lineinfo"]
 

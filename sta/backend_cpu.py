@@ -100,6 +100,16 @@ def _mlp_backward(ctx, grad_velocity, grad_div, grad_div_rot):
         grads[6] if P is not None and ctx.needs_input_grad[6] else None,)
 
 
+def _no_double_backward(ctx, *grads):
+    raise NotImplementedError(
+        "the backward ops of the cpu/cuda flow step are not differentiable (no double backward); "
+        "use backend='torch' for higher-order derivatives")
+
+
+def _setup_bwd(ctx, inputs, output):
+    pass
+
+
 def register_python_side() -> None:
     """Register the fakes and autograd of the flow-step ops (idempotent; needs the ops loaded)."""
     global _registered
@@ -116,6 +126,8 @@ def register_python_side() -> None:
         torch.library.register_autograd("sta::potential_fwd", _potential_backward, setup_context=_setup)
         torch.library.register_autograd("sta::hamiltonian_fwd", _hamiltonian_backward, setup_context=_setup)
         torch.library.register_autograd("sta::mlp_fwd", _mlp_backward, setup_context=_setup)
+        for name in ("potential_bwd", "hamiltonian_bwd", "mlp_bwd"):  # a clear error on double backward
+            torch.library.register_autograd(f"sta::{name}", _no_double_backward, setup_context=_setup_bwd)
         _registered = True
 
 

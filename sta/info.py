@@ -36,6 +36,9 @@ def report() -> str:
             devices.append(torch.device("cuda", i))
     else:
         lines.append("cuda: no GPU visible")
+    from . import _extension
+
+    lines.append(f"extension sta._C: {_extension.status()}")
     lines.append("")
     lines.append("backends (flow_step, float32 input):")
     for backend in all_backends():
