@@ -36,9 +36,6 @@ def report() -> str:
             devices.append(torch.device("cuda", i))
     else:
         lines.append("cuda: no GPU visible")
-    from . import _extension
-
-    lines.append(f"extension sta._C: {_extension.status()}")
     lines.append("")
     lines.append("backends (flow_step, float32 input):")
     for backend in all_backends():
@@ -46,6 +43,9 @@ def report() -> str:
             reasons = backend.why_not(_backend_request(device, torch.float32))
             status = "available" if not reasons else "unavailable: " + "; ".join(reasons)
             lines.append(f"  {backend.name:7s} {str(device):7s} {status}")
+    from . import _extension
+
+    lines.append(f"extension sta._C: {_extension.status()}")
     return "\n".join(lines)
 
 
