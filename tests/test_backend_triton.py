@@ -1,0 +1,272 @@
+"""The ``triton`` backend (kernels/, ``sta.kernels``) against the reference, on the CPU interpreter.
+
+conftest.py sets TRITON_INTERPRET=1 on machines without CUDA, before triton is imported, so these
+tests run the real kernels (slowly: about 7 ms per program) at small shapes. Parity is float32 with
+tests/tolerances.py, forward and backward, for every output and every differentiable input.
+"""
+import os
+
+import pytest
+import torch
+
+import sta
+from sta import backends, reference
+from sta.backends import StepRequest
+from tests.tolerances import assert_close
+
+triton = pytest.importorskip("triton", reason="the triton backend needs triton installed")
+from sta.kernels import backend as triton_backend  # noqa: E402
+from sta.kernels import flow_step as fs  # noqa: E402
+
+pytestmark = pytest.mark.skipif(
+    triton_backend.IMPORT_ERROR is not None, reason=f"triton unusable: {triton_backend.IMPORT_ERROR}")
+
+F32 = torch.float32
+BACKEND = triton_backend.TritonBackend()
+ALL = sta.OUTPUT_NAMES
+
+
+def _bank(D=5, H=19, Kp=3, Kr=2, rotational="hamiltonian"):
+    bank = sta.FieldBank(D, Kp, Kr, H, rotational=rotational)
+    with torch.no_grad():  # non-trivial time dependence, so de/dt and t carry gradients
+        bank.potential.time.weight.normal_(0, 0.5)
+        bank.rotational.time.weight.normal_(0, 0.5)
+    return bank
+
+
+def _coefficients(B, K, pattern):
+    g = torch.rand(B, K) + 0.5
+    if pattern == "mixed":
+        g = g * (torch.rand(B, K) < 0.5)
+    elif pattern == "inactive":
+        g = g * 0
+    return g
+
+
+def _weighted_sum(outs):
+    """A scalar touching every output with fixed random weights (same weights for both sides)."""
+    gen = torch.Generator().manual_seed(1234)
+    total = 0.0
+    for o in outs:
+        if o is not None and o.requires_grad:
+            total = total + (o * torch.randn(o.shape, generator=gen, dtype=o.dtype)).sum()
+    return total
+
+
+def _grads(loss, leaves):
+    if not isinstance(loss, torch.Tensor):
+        return [torch.zeros_like(x) for x in leaves]
+    gs = torch.autograd.grad(loss, leaves, allow_unused=True)
+    return [torch.zeros_like(x) if g is None else g for g, x in zip(gs, leaves)]
+
+
+def _run_step(bank, z, t, g_pot, g_rot, backend):
+    params = list(bank.parameters())
+    out = sta.flow_step(z, t, g_pot, g_rot, bank, dt=0.7, outputs=ALL, backend=backend)
+    grads = _grads(_weighted_sum(out), [z, t, g_pot, g_rot, *params])
+    return out, grads
+
+
+def _compare_step(bank, z, t, g_pot, g_rot):
+    out_k, grads_k = _run_step(bank, z, t, g_pot, g_rot, "triton")
+    out_r, grads_r = _run_step(bank, z, t, g_pot, g_rot, "torch")
+    for name in ALL:
+        assert_close(getattr(out_k, name), getattr(out_r, name), F32, what=name)
+    names = ["z", "t", "g_pot", "g_rot"] + [n for n, _ in bank.named_parameters()]
+    for name, gk, gr in zip(names, grads_k, grads_r):
+        assert_close(gk, gr, F32, what=f"grad {name}")
+    return out_k, grads_k
+
+
+@pytest.mark.parametrize("pattern", ["mixed", "inactive", "active"])
+@pytest.mark.parametrize("rotational", ["hamiltonian", "mlp"])
+def test_flow_step_parity(rotational, pattern):
+    """Every output and the gradient w.r.t. z, t, g_pot, g_rot and every parameter."""
+    bank = _bank(rotational=rotational)
+    B = 9
+    z = torch.randn(B, 5, requires_grad=True)
+    t = torch.tensor(0.6, requires_grad=True)
+    g_pot = _coefficients(B, 3, pattern).requires_grad_()
+    g_rot = _coefficients(B, 2, pattern).requires_grad_()
+    _, grads = _compare_step(bank, z, t, g_pot, g_rot)
+    if pattern == "mixed":  # the gradient w.r.t. a zero coefficient is exactly zero (routing)
+        assert (grads[2][g_pot == 0] == 0).all() and (grads[3][g_rot == 0] == 0).all()
+    if pattern == "inactive":  # nothing evaluated: only the identity part of z_next has a gradient
+        assert all((g == 0).all() for g in grads[1:])
+
+
+@pytest.mark.parametrize("D", [1, 3, 17])
+def test_odd_sizes(D):
+    """Odd D (and H = 17, B = 19: more than one row block per field) for all three field kinds."""
+    B, H = 19, 17
+    for rotational in ("hamiltonian", "mlp"):
+        bank = _bank(D=D, H=H, Kp=2, Kr=2, rotational=rotational)
+        z = torch.randn(B, D, requires_grad=True)
+        t = torch.tensor(1.3, requires_grad=True)
+        g_pot = _coefficients(B, 2, "active").requires_grad_()
+        g_rot = _coefficients(B, 2, "mixed").requires_grad_()
+        _compare_step(bank, z, t, g_pot, g_rot)
+
+
+def test_zero_batch():
+    bank = _bank(D=3, H=4, Kp=2, Kr=1)
+    z = torch.zeros(0, 3, requires_grad=True)
+    t = torch.tensor(0.5, requires_grad=True)
+    g_pot = torch.zeros(0, 2, requires_grad=True)
+    g_rot = torch.zeros(0, 1, requires_grad=True)
+    out, grads = _compare_step(bank, z, t, g_pot, g_rot)
+    assert out.z.shape == (0, 3) and out.div.shape == (0,) and out.hj.shape == (0, 2)
+
+
+@pytest.mark.parametrize("kind", ["potential", "hamiltonian", "mlp"])
+def test_noncontiguous_inputs_and_grad_outputs(kind):
+    """z and g as strided views, gradients of the outputs non-contiguous (expanded / transposed)."""
+    B, D, H, K = 11, 6, 5, 3
+    z = torch.randn(D, 2 * B)[:, ::2].t().requires_grad_()  # (B, D), strides (1, 2B)
+    g_wide = torch.rand(B, 2 * K) * (torch.rand(B, 2 * K) < 0.6)
+    g = g_wide[:, ::2].requires_grad_()
+    assert not z.is_contiguous() and not g.is_contiguous()
+
+    def P(*shape):
+        return (0.5 * torch.randn(*shape)).requires_grad_()
+
+    if kind == "potential":
+        p = reference.PotentialParams(P(K, H, D), P(K, H), P(K, H), P(K, H))
+        want, fn = ("curl", "div", "hj", "u"), "potential_terms"
+    elif kind == "hamiltonian":
+        p = reference.HamiltonianParams(P(K, H, D), P(K, H), P(K, H), P(K, D, H))
+        want, fn = ("curl", "div", "div_rot"), "hamiltonian_terms"
+    else:
+        p = reference.MLPParams(P(K, H, D), P(K, H), P(K, D, H), P(K, D))
+        want, fn = ("div", "div_rot"), "mlp_terms"
+    leaves = [z, g, *p]
+    out_k = getattr(BACKEND, fn)(z, g, p, want)
+    out_r = getattr(reference, fn)(z, g, p, want)
+    gvel = torch.randn(D, B).t()  # transposed
+    gdiv = torch.randn(1).expand(B)  # stride 0
+    gpair = torch.randn(K, B).t()
+    for name in out_r._fields:
+        assert_close(getattr(out_k, name), getattr(out_r, name), F32, what=f"{kind} {name}")
+
+    def backward(out):
+        pairs = [(out.velocity, gvel), (out.div, gdiv)] + [
+            (getattr(out, n), gpair) for n in ("hj", "u", "div_rot", "curl")]
+        outs = [o for o, _ in pairs if o is not None and o.requires_grad]
+        return _grads_from(outs, [gr for o, gr in pairs if o is not None and o.requires_grad], leaves)
+
+    for i, (gk, gr) in enumerate(zip(backward(out_k), backward(out_r))):
+        assert_close(gk, gr, F32, what=f"{kind} grad of input {i}")
+
+
+def _grads_from(outs, grad_outs, leaves):
+    gs = torch.autograd.grad(outs, leaves, grad_outs, allow_unused=True)
+    return [torch.zeros_like(x) if g is None else g for g, x in zip(gs, leaves)]
+
+
+def test_parameter_gradients_are_deterministic():
+    """Per-field reductions without atomics: the same inputs give bitwise-equal parameter gradients."""
+    bank = _bank(D=4, H=6, Kp=2, Kr=2)
+    z = torch.randn(40, 4)
+    g_pot = _coefficients(40, 2, "active")
+    g_rot = _coefficients(40, 2, "active")
+    runs = []
+    for _ in range(2):
+        out = sta.flow_step(z, 0.3, g_pot, g_rot, bank, outputs=("z", "div", "hj"), backend="triton")
+        runs.append(_grads(_weighted_sum(out), list(bank.parameters())))
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)
+
+
+def test_route_pads_index_lists_not_data():
+    g = torch.tensor([[1.0, 0.0, 0.0], [0.0, 0.0, 2.0], [3.0, 0.0, 4.0]])
+    r = fs.route(g, block_m=16)
+    assert r.num_blocks == 2 and r.rows.shape == (32,)  # field 1 has no active row: no block
+    assert r.block_field.tolist() == [0, 2] and r.block_ptr.tolist() == [0, 1, 1, 2]
+    assert r.rows[:2].tolist() == [0, 2] and (r.rows[2:16] == -1).all()
+    assert r.rows[16:18].tolist() == [1, 2] and (r.rows[18:] == -1).all()
+
+
+def _op_args(kind, B=5, D=3, H=4, K=2):
+    z = torch.randn(B, D, requires_grad=True)
+    g = (torch.rand(B, K) * (torch.rand(B, K) < 0.7)).requires_grad_()
+
+    def P(*shape):
+        return (0.5 * torch.randn(*shape)).requires_grad_()
+
+    w, c = P(K, H, D), P(K, H)
+    if kind == fs.POTENTIAL:
+        return (z, g, w, c, P(K, H), P(K, H), None, None, None, kind, False, "ieee")
+    if kind == fs.HAMILTONIAN:
+        return (z, g, w, c, P(K, H), None, P(K, D, H), None, P(K, H, H), kind, True, "ieee")
+    return (z, g, w, c, None, None, P(K, D, H), P(K, D), P(K, D, H), kind, False, "ieee")
+
+
+@pytest.mark.parametrize("kind", [fs.POTENTIAL, fs.HAMILTONIAN, fs.MLP])
+def test_opcheck(kind):
+    """Schema, fake tensor, autograd registration and AOT dispatch of the registered ops."""
+    args = _op_args(kind)
+    torch.library.opcheck(torch.ops.sta.triton_flow_step_fwd.default, args)
+    fwd = torch.ops.sta.triton_flow_step_fwd(*args)
+    grads_out = [torch.randn_like(o) for o in fwd]
+    inputs = [a.detach() if isinstance(a, torch.Tensor) else a for a in args]
+    torch.library.opcheck(torch.ops.sta.triton_flow_step_bwd.default, (*grads_out, *inputs))
+
+
+@pytest.mark.parametrize("rotational", ["hamiltonian"])
+def test_torch_compile_fullgraph(rotational):
+    """flow_step with backend="triton" compiles as one graph (the op is opaque, its fake gives shapes)."""
+    bank = _bank(D=4, H=5, Kp=2, Kr=2, rotational=rotational)
+    z = torch.randn(6, 4, requires_grad=True)
+    g_pot = _coefficients(6, 2, "mixed")
+    g_rot = _coefficients(6, 2, "mixed")
+
+    def step(z, g_pot, g_rot):
+        out = sta.flow_step(z, 0.4, g_pot, g_rot, bank, outputs=("z", "div", "hj"), backend="triton")
+        return out.z, out.div, out.hj
+
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    got = compiled(z, g_pot, g_rot)
+    want = step(z, g_pot, g_rot)
+    for a, b in zip(got, want):
+        assert_close(a, b, F32)
+    assert_close(_grads(_weighted_sum(got), [z])[0], _grads(_weighted_sum(want), [z])[0], F32)
+
+
+# -- availability ------------------------------------------------------------------------------
+
+def _request(dtype=F32, device="cpu"):
+    return StepRequest(device=torch.device(device), dtype=dtype, B=4, D=3, H=5, Kp=1, Kr=1,
+                       rotational="hamiltonian", outputs=frozenset({"z", "div"}), requires_grad=True)
+
+
+def test_why_not_float64():
+    reasons = BACKEND.why_not(_request(torch.float64))
+    assert len(reasons) == 1 and "float64 is not a Triton dtype" in reasons[0]
+    assert backends.select(_request(torch.float64), "auto").name != "triton"
+    with pytest.raises(backends.BackendUnavailableError, match="float64"):
+        backends.select(_request(torch.float64), "triton")
+
+
+def test_why_not_cpu_without_interpreter(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    reasons = BACKEND.why_not(_request())
+    assert reasons == ["Triton needs a CUDA device; set TRITON_INTERPRET=1 to run the interpreter "
+                       "on CPU (slow, for tests)"]
+
+
+def test_why_not_low_precision_on_cpu():
+    assert any("only on GPU" in r for r in BACKEND.why_not(_request(torch.bfloat16)))
+
+
+def test_interpreter_runs_only_when_named():
+    """Under the interpreter the backend can run, but `auto` must not pick it (a test mode)."""
+    assert os.environ.get("TRITON_INTERPRET") == "1"
+    assert BACKEND.why_not(_request()) == []
+    assert backends.select(_request(), "triton").name == "triton"
+    assert backends.select(_request(), "auto").name != "triton"
+
+
+def test_bad_precision_setting(monkeypatch):
+    monkeypatch.setenv("STA_TRITON_PRECISION", "fp8")
+    with pytest.raises(ValueError, match="STA_TRITON_PRECISION"):
+        BACKEND.precision
