@@ -319,17 +319,18 @@ def _check_options(boundary: str, limiter: str) -> None:
 
 
 def _outgoing_rate(faces: tuple, dx: tuple, boundary: str) -> Tensor:
-    """Per cell, sum over its faces of outgoing normal speed / dx: shape of rho."""
+    """Per cell, sum over its faces of outgoing normal speed / dx: shape of rho (no autograd)."""
     total = None
-    for a, (u, h) in enumerate(zip(faces, dx)):
-        n = u.shape[a] - 1
-        out_hi = u.narrow(a, 1, n).clamp(min=0)    # leaves cell i through face i + 1
-        out_lo = (-u.narrow(a, 0, n)).clamp(min=0)  # leaves cell i through face i
-        if boundary == "zero_flux":  # boundary faces carry no flux
-            out_hi = out_hi.index_fill(a, torch.tensor([n - 1], device=u.device), 0)
-            out_lo = out_lo.index_fill(a, torch.tensor([0], device=u.device), 0)
-        rate = (out_hi + out_lo) / h
-        total = rate if total is None else total + rate
+    with torch.no_grad():
+        for a, (u, h) in enumerate(zip(faces, dx)):
+            n = u.shape[a] - 1
+            rate = u.narrow(a, 1, n).clamp(min=0)              # leaves cell i through face i + 1
+            rate.sub_(u.narrow(a, 0, n).clamp(max=0))          # leaves cell i through face i
+            if boundary == "zero_flux":  # the boundary faces carry no flux
+                rate.narrow(a, n - 1, 1).sub_(u.narrow(a, n, 1).clamp(min=0))
+                rate.narrow(a, 0, 1).add_(u.narrow(a, 0, 1).clamp(max=0))
+            rate.mul_(1.0 / h)
+            total = rate if total is None else total.add_(rate)
     return total
 
 
