@@ -1,10 +1,12 @@
-"""The ``triton`` backend (kernels/, ``sta.kernels``) against the reference, on the CPU interpreter.
+"""The ``triton`` backend (kernels/, ``sta.kernels``) against the reference.
 
 conftest.py sets TRITON_INTERPRET=1 on machines without CUDA, before triton is imported, so these
-tests run the real kernels (slowly: about 7 ms per program) at small shapes. Parity is float32 with
-tests/tolerances.py, forward and backward, for every output and every differentiable input.
+tests run the real kernels on the CPU interpreter (slowly: about 7 ms per program) at small
+shapes; on a CUDA machine the same tests run on the GPU, plus the ``gpu``-marked ones (larger
+shapes, bf16/fp16). Parity is float32 with tests/tolerances.py, forward and backward, for every
+output and every differentiable input.
 """
-import os
+import copy
 
 import pytest
 import torch
@@ -22,6 +24,16 @@ pytestmark = pytest.mark.skipif(
     triton_backend.IMPORT_ERROR is not None, reason=f"triton unusable: {triton_backend.IMPORT_ERROR}")
 
 F32 = torch.float32
+#: where the kernels run: the GPU when there is one, else the CPU interpreter
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+@pytest.fixture(autouse=True)
+def _on_device():
+    """Tensors and modules of every test are created on DEVICE."""
+    with torch.device(DEVICE):
+        yield
+
 BACKEND = triton_backend.TritonBackend()
 ALL = sta.OUTPUT_NAMES
 
@@ -49,7 +61,8 @@ def _weighted_sum(outs):
     total = 0.0
     for o in outs:
         if o is not None and o.requires_grad:
-            total = total + (o * torch.randn(o.shape, generator=gen, dtype=o.dtype)).sum()
+            weights = torch.randn(o.shape, generator=gen, dtype=o.dtype, device="cpu").to(o.device)
+            total = total + (o * weights).sum()
     return total
 
 
@@ -237,6 +250,42 @@ def test_torch_compile_fullgraph(rotational):
     assert_close(_grads(_weighted_sum(got), [z])[0], _grads(_weighted_sum(want), [z])[0], F32)
 
 
+# -- GPU only (never run on the CPU interpreter: bf16 does not run there, large shapes are slow) --
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("rotational", ["hamiltonian", "mlp"])
+def test_gpu_parity_many_blocks(rotational):
+    """Several row blocks per field, H and D above one tile, mixed sparsity: fp32 parity on the GPU."""
+    bank = _bank(D=70, H=100, Kp=4, Kr=3, rotational=rotational)
+    B = 300
+    z = torch.randn(B, 70, requires_grad=True)
+    t = torch.tensor(0.6, requires_grad=True)
+    g_pot = _coefficients(B, 4, "mixed").requires_grad_()
+    g_rot = _coefficients(B, 3, "mixed").requires_grad_()
+    _compare_step(bank, z, t, g_pot, g_rot)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_gpu_low_precision(dtype):
+    """flash-attention rule: the kernel's error vs float64 is at most 2x the reference's in dtype."""
+    from tests.tolerances import assert_low_precision
+
+    bank64 = _bank(D=40, H=48, Kp=3, Kr=2).double()
+    B = 200
+    z64 = torch.randn(B, 40, dtype=torch.float64)
+    gp64 = _coefficients(B, 3, "mixed").double()
+    gr64 = _coefficients(B, 2, "mixed").double()
+    low = copy.deepcopy(bank64).to(dtype)
+    outs = ("z", "div", "hj", "u", "curl")
+    ref64 = sta.flow_step(z64, 0.5, gp64, gr64, bank64, outputs=outs, backend="torch")
+    args = (z64.to(dtype), 0.5, gp64.to(dtype), gr64.to(dtype), low)
+    ref_low = sta.flow_step(*args, outputs=outs, backend="torch")
+    got = sta.flow_step(*args, outputs=outs, backend="triton")
+    for name in outs:
+        assert_low_precision(getattr(got, name), getattr(ref_low, name), getattr(ref64, name), dtype, what=name)
+
+
 # -- availability ------------------------------------------------------------------------------
 
 def _request(dtype=F32, device="cpu"):
@@ -259,13 +308,14 @@ def test_why_not_cpu_without_interpreter(monkeypatch):
                        "on CPU (slow, for tests)"]
 
 
-def test_why_not_low_precision_on_cpu():
+def test_why_not_low_precision_on_cpu(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
     assert any("only on GPU" in r for r in BACKEND.why_not(_request(torch.bfloat16)))
 
 
-def test_interpreter_runs_only_when_named():
+def test_interpreter_runs_only_when_named(monkeypatch):
     """Under the interpreter the backend can run, but `auto` must not pick it (a test mode)."""
-    assert os.environ.get("TRITON_INTERPRET") == "1"
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
     assert BACKEND.why_not(_request()) == []
     assert backends.select(_request(), "triton").name == "triton"
     assert backends.select(_request(), "auto").name != "triton"
