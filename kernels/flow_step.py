@@ -126,27 +126,32 @@ class Routing(NamedTuple):
 def route(g: torch.Tensor, block_m: Optional[int] = None) -> Routing:
     """Sort the active pairs of ``g: (B, K)`` by field and pad each field's index list.
 
-    Evaluates nothing for inactive pairs: a field with no active sample owns no block.
+    Evaluates nothing for inactive pairs: a field with no active sample owns no block. One
+    device-to-host copy (the K per-field counts, which size the launch grid).
     """
     B, K = g.shape
     dev = g.device
     k_idx, b_idx = torch.nonzero(g.t() != 0, as_tuple=True)  # sorted by field, then by sample
-    counts = torch.bincount(k_idx, minlength=K) if K else torch.zeros(0, dtype=torch.int64, device=dev)
-    max_rows = int(counts.max()) if K else 0
+    counts_t = torch.bincount(k_idx, minlength=K)
+    counts = counts_t.tolist()  # the one sync
+    max_rows = max(counts, default=0)
     if block_m is None:
-        active = int((counts > 0).sum()) if K else 0
-        block_m = block_m_for(-(-k_idx.numel() // max(active, 1)))
-    blocks = (counts + block_m - 1) // block_m
-    block_ptr = torch.zeros(K + 1, dtype=torch.int64, device=dev)
-    block_ptr[1:] = torch.cumsum(blocks, 0)
-    num_blocks = int(block_ptr[-1]) if K else 0
+        active = sum(1 for n in counts if n)
+        block_m = block_m_for(-(-sum(counts) // max(active, 1)))
+    blocks = [-(-n // block_m) for n in counts]
+    ptr = [0]
+    for nb in blocks:
+        ptr.append(ptr[-1] + nb)
+    num_blocks = ptr[-1]
+    block_ptr = torch.tensor(ptr, dtype=torch.int32).to(dev, non_blocking=True)
+    block_field = torch.repeat_interleave(
+        torch.arange(K, dtype=torch.int32), torch.tensor(blocks, dtype=torch.int64)).to(dev, non_blocking=True)
     rows = torch.full((num_blocks * block_m,), -1, dtype=torch.int64, device=dev)
-    if k_idx.numel():
-        first = torch.cumsum(counts, 0) - counts  # index of each field's first pair in k_idx
-        pos = torch.arange(k_idx.numel(), device=dev) - first[k_idx] + block_ptr[k_idx] * block_m
+    if num_blocks:
+        first = torch.cumsum(counts_t, 0) - counts_t  # index of each field's first pair in k_idx
+        pos = torch.arange(k_idx.numel(), device=dev) - first[k_idx] + block_ptr[k_idx].long() * block_m
         rows[pos] = b_idx
-    block_field = torch.repeat_interleave(torch.arange(K, device=dev, dtype=torch.int32), blocks)
-    return Routing(rows, block_field, block_ptr.to(torch.int32), block_m, num_blocks, max_rows)
+    return Routing(rows, block_field, block_ptr, block_m, num_blocks, max_rows)
 
 
 # ----------------------------------------------------------------------------------------------
