@@ -401,3 +401,13 @@ def test_grid_and_particles_agree_and_converge_d2():
     assert errors[-1] < 0.01, errors
     assert errors[0] > errors[1] > errors[2], errors
     assert fit_order([1, 0.5, 0.25], errors) >= 1.0, errors
+
+
+def test_plot_grid_transport_writes_a_png(tmp_path):
+    from sta.plots import plot_grid_transport
+
+    bank = sta.FieldBank(dim=3, num_potential=1, num_rotational=1, hidden=4)
+    path = plot_grid_transport(bank, str(tmp_path / "transport.png"), dims=(0, 2), extent=2.0, shape=(24, 20),
+                               g_pot=2.0, g_rot=2.0, time=0.5, frames=3, particles=200)
+    with open(path, "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
