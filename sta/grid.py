@@ -150,7 +150,8 @@ def _axis_ranges(extent, center: Tensor, dims: tuple) -> list:
 
 
 def latent_grid(fields, center, dims: Sequence[int] = (0, 1), extent=3.0, shape: Sequence[int] = (64, 64), *,
-                g_pot=None, g_rot=None, t: float = 0.0, backend: str = "auto") -> LatentGrid:
+                g_pot=None, g_rot=None, t: float = 0.0, backend: str = "auto",
+                differentiable: bool = False) -> LatentGrid:
     """Sample the sparse field mix on a regular grid over latent coordinates ``dims``.
 
     Every cell centre and every face centre becomes one latent point (coordinates outside ``dims``
@@ -168,6 +169,9 @@ def latent_grid(fields, center, dims: Sequence[int] = (0, 1), extent=3.0, shape:
         g_rot: (Kr,) coefficients of the rotational fields, a float, or None (0).
         t: the time at which the fields are evaluated.
         backend: the flow_step backend.
+        differentiable: keep the autograd graph to the field parameters and coefficients (default
+            False: the grid is evaluated under ``torch.no_grad()``, so the fast forward-only
+            transport backends can take it).
 
     Returns:
         :class:`LatentGrid` (centre and face velocities, the analytic div, the in-plane components).
@@ -208,9 +212,10 @@ def latent_grid(fields, center, dims: Sequence[int] = (0, 1), extent=3.0, shape:
     blocks = [points_on(coords)] + [points_on(coords[:a] + (edges[a],) + coords[a + 1:]) for a in range(d)]
     flat = torch.cat([b.reshape(-1, D) for b in blocks])
     B = flat.shape[0]
-    out = flow_step(flat, t, _coefficients("g_pot", g_pot, fields.num_potential, B, like),
-                    _coefficients("g_rot", g_rot, fields.num_rotational, B, like), fields, dt=1.0,
-                    outputs=("z", "div"), backend=backend)
+    with torch.set_grad_enabled(torch.is_grad_enabled() and differentiable):
+        out = flow_step(flat, t, _coefficients("g_pot", g_pot, fields.num_potential, B, like),
+                        _coefficients("g_rot", g_rot, fields.num_rotational, B, like), fields, dt=1.0,
+                        outputs=("z", "div"), backend=backend)
     velocity = out.z - flat
     sizes = [b.shape[:-1].numel() for b in blocks]
     parts = velocity.split(sizes)
@@ -410,7 +415,8 @@ class GridBackend:
 
     name = "base"
 
-    def why_not(self, rho: Tensor) -> list:
+    def why_not(self, rho: Tensor, needs_grad: bool = False) -> list:
+        """Reasons this backend cannot step ``rho`` (with autograd if ``needs_grad``); empty if it can."""
         return []
 
     def transport(self, rho: Tensor, faces: tuple, coef: tuple, periodic: bool, limiter: str) -> Tensor:
@@ -462,8 +468,8 @@ class _CompiledGrid(GridBackend):
     def __init__(self, name: str, device_type: str):
         self.name, self.device_type = name, device_type
 
-    def why_not(self, rho):
-        reasons = []
+    def why_not(self, rho, needs_grad=False):
+        reasons = ["not differentiable (the torch backend is)"] if needs_grad else []
         if rho.device.type != self.device_type:
             reasons.append(f"needs a {self.device_type} tensor, got {rho.device.type}")
         op, reason = _compiled_op()
@@ -484,8 +490,8 @@ class _CompiledGrid(GridBackend):
 class _TritonGrid(GridBackend):
     name = "triton"
 
-    def why_not(self, rho):
-        reasons = []
+    def why_not(self, rho, needs_grad=False):
+        reasons = ["not differentiable (the torch backend is)"] if needs_grad else []
         try:
             from .kernels import grid_transport as _  # noqa: F401
         except Exception as err:
@@ -515,20 +521,22 @@ def grid_backends() -> list:
     return list(_GRID_BACKENDS.values())
 
 
-def select_grid_backend(rho: Tensor, backend: str = "auto") -> GridBackend:
-    """The backend that runs grid_transport on ``rho``; a named one runs or raises with its reasons."""
+def select_grid_backend(rho: Tensor, backend: str = "auto", needs_grad: bool = False) -> GridBackend:
+    """The backend that runs grid_transport on ``rho``; a named one runs or raises with its reasons.
+
+    ``needs_grad``: a backward will follow (only the torch reference is differentiable)."""
     from .backends import BACKEND_NAMES, BackendUnavailableError, requested_backend
 
     name = requested_backend(backend)
     if name != "auto":
         chosen = _GRID_BACKENDS[name]
-        reasons = chosen.why_not(rho)
+        reasons = chosen.why_not(rho, needs_grad)
         if reasons:
             raise BackendUnavailableError(f"backend {name!r} cannot run grid_transport: " + "; ".join(reasons)
                                           + ". Use backend='auto' to fall back.")
         return chosen
     for candidate in _GRID_AUTO.get(rho.device.type, ("torch",)):
-        if candidate in BACKEND_NAMES and not _GRID_BACKENDS[candidate].why_not(rho):
+        if candidate in BACKEND_NAMES and not _GRID_BACKENDS[candidate].why_not(rho, needs_grad):
             return _GRID_BACKENDS[candidate]
     return _GRID_BACKENDS["torch"]
 
@@ -560,7 +568,8 @@ def grid_transport(rho: Tensor, velocity_faces, dx, dt: float, *, boundary: str 
 
     Returns:
         rho after the step, the shape of rho. ``rho_new.sum() == rho.sum()`` up to rounding, and
-        ``rho >= 0`` implies ``rho_new >= 0``.
+        ``rho >= 0`` implies ``rho_new >= 0``. Differentiable with the torch backend (``auto``
+        picks it when rho or a face velocity requires grad); the compiled backends are forward only.
 
     Raises:
         TypeError / ValueError naming the argument (shapes, dtypes, devices, dx <= 0, ...), and
@@ -576,7 +585,11 @@ def grid_transport(rho: Tensor, velocity_faces, dx, dt: float, *, boundary: str 
         raise ValueError(f"dt: the CFL number is {cfl:.4g} > 1 (limiter {limiter!r} needs "
                          f"{FACE_BOUND[limiter]:g} * dt * max outgoing |u|/dx per cell <= 1 for positivity); "
                          f"the largest stable dt is {dt / cfl:.6g}, or use sta.transport_for to sub-step")
-    return _step(rho, faces, dx, dt, boundary, limiter, select_grid_backend(rho, backend))
+    return _step(rho, faces, dx, dt, boundary, limiter, select_grid_backend(rho, backend, _needs_grad(rho, faces)))
+
+
+def _needs_grad(rho: Tensor, faces: tuple) -> bool:
+    return torch.is_grad_enabled() and (rho.requires_grad or any(u.requires_grad for u in faces))
 
 
 def _step(rho, faces, dx, dt, boundary, limiter, impl) -> Tensor:
@@ -605,7 +618,7 @@ def transport_for(rho: Tensor, velocity_faces, dx, time: float = 1.0, *, boundar
         raise ValueError(f"cfl: expected a target CFL number in (0, 1], got {cfl!r}")
     faces = _check_faces(velocity_faces, rho, boundary)
     steps = max(1, math.ceil(_cfl(faces, dx, time, boundary, limiter) / cfl))
-    impl = select_grid_backend(rho, backend)
+    impl = select_grid_backend(rho, backend, _needs_grad(rho, faces))
     if time_order not in (1, 2):
         raise ValueError(f"time_order: expected 1 (forward Euler) or 2 (SSP Heun), got {time_order!r}")
     for _ in range(steps):

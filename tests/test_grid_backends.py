@@ -129,3 +129,27 @@ def test_compiled_op_traces_under_torch_compile():
 
     compiled = torch.compile(step, fullgraph=True, backend="eager")
     assert_close(compiled(rho, *faces), step(rho, *faces), torch.float32)
+
+
+def test_auto_takes_the_differentiable_reference_when_a_gradient_is_needed():
+    rho, faces = _case((6, 5), False, torch.float64, torch.device("cpu"), scale=0.1)
+    faces = (faces[0].requires_grad_(), faces[1])
+    out = sta.grid_transport(rho, faces, 1.0, 0.1)  # auto
+    (grad,) = torch.autograd.grad(out.square().sum(), faces[0])
+    assert grad.abs().sum() > 0
+    if not _GRID_BACKENDS["cpu"].why_not(rho):
+        with pytest.raises(BackendUnavailableError, match="not differentiable"):
+            sta.grid_transport(rho, faces, 1.0, 0.1, backend="cpu")
+        with torch.no_grad():
+            assert select_grid_backend(rho, "auto", needs_grad=False).name == "cpu"
+
+
+def test_latent_grid_is_detached_unless_asked():
+    bank = sta.FieldBank(dim=2, num_potential=1, num_rotational=1, hidden=4).double()
+    g = sta.latent_grid(bank, [0.0, 0.0], shape=(4, 4), g_pot=1.0, g_rot=1.0)
+    assert not any(u.requires_grad for u in g.faces) and not g.div.requires_grad
+    g = sta.latent_grid(bank, [0.0, 0.0], shape=(4, 4), g_pot=1.0, g_rot=1.0, differentiable=True)
+    rho = torch.ones(4, 4, dtype=torch.float64)
+    out = sta.grid_transport(rho, g.faces, g.dx, 0.01)
+    grads = torch.autograd.grad(out.square().sum() + g.div.sum(), [bank.potential.a, bank.rotational.a])
+    assert all(gr.abs().sum() > 0 for gr in grads)
