@@ -325,17 +325,18 @@ def _check_options(boundary: str, limiter: str) -> None:
 
 def _outgoing_rate(faces: tuple, dx: tuple, boundary: str) -> Tensor:
     """Per cell, sum over its faces of outgoing normal speed / dx: shape of rho (no autograd)."""
-    total = None
+    shape = (faces[1].shape[0],) + tuple(faces[0].shape[1:])
+    total = faces[0].new_zeros(shape)
     with torch.no_grad():
         for a, (u, h) in enumerate(zip(faces, dx)):
             n = u.shape[a] - 1
-            rate = u.narrow(a, 1, n).clamp(min=0)              # leaves cell i through face i + 1
-            rate.sub_(u.narrow(a, 0, n).clamp(max=0))          # leaves cell i through face i
-            if boundary == "zero_flux":  # the boundary faces carry no flux
-                rate.narrow(a, n - 1, 1).sub_(u.narrow(a, n, 1).clamp(min=0))
-                rate.narrow(a, 0, 1).add_(u.narrow(a, 0, 1).clamp(max=0))
-            rate.mul_(1.0 / h)
-            total = rate if total is None else total.add_(rate)
+            if boundary == "periodic":  # face n is face 0
+                total.add_(u.narrow(a, 1, n).clamp(min=0), alpha=1.0 / h)    # out of cell i through face i + 1
+                total.sub_(u.narrow(a, 0, n).clamp(max=0), alpha=1.0 / h)    # out of cell i through face i
+            elif n > 1:  # zero flux: only the interior faces 1 .. n-1 carry flux
+                inner = u.narrow(a, 1, n - 1)
+                total.narrow(a, 0, n - 1).add_(inner.clamp(min=0), alpha=1.0 / h)
+                total.narrow(a, 1, n - 1).sub_(inner.clamp(max=0), alpha=1.0 / h)
     return total
 
 
