@@ -53,7 +53,7 @@ from __future__ import annotations
 import math
 import numbers
 import os
-from typing import NamedTuple, Optional, Sequence, Union
+from typing import NamedTuple, Optional, Sequence
 
 import torch
 from torch import Tensor
