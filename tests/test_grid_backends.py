@@ -18,7 +18,10 @@ FAST = ("cpu", "triton", "cuda")
 
 
 def _device_for(backend):
-    return torch.device("cuda") if backend == "cuda" else torch.device("cpu")
+    """cuda: the GPU; triton: the GPU when there is one, else the CPU interpreter; cpu: the CPU."""
+    if backend == "cuda" or (backend == "triton" and torch.cuda.is_available()):
+        return torch.device("cuda")
+    return torch.device("cpu")
 
 
 def _require(backend, device):
