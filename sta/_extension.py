@@ -107,7 +107,7 @@ def _load_jit() -> tuple[Optional[ModuleType], Optional[str]]:
         module = cpp_extension.load(
             name=name, sources=sources, build_directory=build_dir,
             extra_cflags=_build.CXX_FLAGS + (["-DSTA_WITH_CUDA"] if cuda else []),
-            extra_cuda_cflags=_build.NVCC_FLAGS if cuda else None,
+            extra_cuda_cflags=_build.nvcc_flags() if cuda else None,
             extra_ldflags=_build.LINK_FLAGS, extra_include_paths=[_build.csrc_dir(REPO_ROOT)],
             is_python_module=True, verbose=os.environ.get("STA_VERBOSE_BUILD") == "1",
         )
