@@ -39,3 +39,12 @@ __all__ = [
     "reference",
     "__version__",
 ]
+
+# Register the compiled backends now (about 0.25 s; nothing is compiled here) rather than on the
+# first flow_step: the first call may be inside torch.compile(fullgraph=True), where dynamo
+# cannot trace the registry's import lock.
+from .backends import _load_plugins as _register_backends  # noqa: E402
+
+_register_backends()
+del _register_backends
+

@@ -128,9 +128,16 @@ def load() -> Optional[ModuleType]:
     The first call may compile the extension (once per torch version and machine); the result,
     success or failure, is cached for the process.
     """
+    if not _tried:
+        _load_once()
+    return _module
+
+
+# Run eagerly even while dynamo traces a caller (torch.compile(fullgraph=True) around the first
+# flow_step of a process): dynamo cannot trace the lock or the compiler, and the outcome is fixed.
+@torch._dynamo.assume_constant_result
+def _load_once() -> bool:
     global _module, _error, _tried, _how
-    if _tried:
-        return _module
     with _lock:
         if _tried:
             return _module
@@ -147,7 +154,7 @@ def load() -> Optional[ModuleType]:
             except Exception as err:
                 module, problem = None, f"registering the Python side of the ops failed: {type(err).__name__}: {err}"
         _module, _error, _how, _tried = module, problem, how, True
-    return _module
+    return True
 
 
 def is_built() -> bool:

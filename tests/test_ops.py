@@ -275,3 +275,28 @@ def test_info_runs_and_lists_every_backend():
     for name in backends.BACKEND_NAMES:
         assert f"  {name}" in res.stdout
     assert "torch" in res.stdout and "available" in res.stdout
+
+
+_FIRST_CALL_COMPILED = """
+import sys, torch, sta
+from sta import backends
+assert backends._plugins_loaded, "import sta must register the compiled backends"
+name = sys.argv[1]
+fields = sta.FieldBank(5, 2, 1, 4)
+z, g_pot, g_rot = torch.randn(6, 5), torch.randn(6, 2), torch.randn(6, 1)
+step = torch.compile(lambda z: sta.flow_step(z, 0.3, g_pot, g_rot, fields, backend=name).z, fullgraph=True)
+got = step(z)
+want = sta.flow_step(z, 0.3, g_pot, g_rot, fields, backend="torch").z
+print(float((got - want).abs().max()))
+"""
+
+
+def test_first_flow_step_of_a_process_can_be_inside_torch_compile():
+    # Regression: the registry and the extension loader took a threading.Lock on first use,
+    # which dynamo cannot trace, so fullgraph compilation failed when it came first.
+    if backends.get_backend("cpu").unavailable():
+        pytest.skip(f"cpu backend unavailable: {backends.get_backend('cpu').unavailable()}")
+    res = subprocess.run([sys.executable, "-c", _FIRST_CALL_COMPILED, "cpu"], capture_output=True, text=True,
+                         timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert float(res.stdout.strip().splitlines()[-1]) < 1e-5
