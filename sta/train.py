@@ -215,13 +215,22 @@ def _set_rng_state(state: dict) -> None:
 
 
 def save_atomic(obj, path: str) -> None:
-    """torch.save to a temp file in the same directory, then os.replace (atomic on POSIX)."""
+    """torch.save to a temp file in the same directory, then os.replace (atomic on POSIX).
+
+    A failed write removes its temp file and leaves ``path`` untouched; a killed writer leaves
+    only a stale ``path.tmpPID``, which nothing reads.
+    """
     tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
 
 
 def checkpoint_path(run_dir: str) -> str:
