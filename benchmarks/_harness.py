@@ -94,11 +94,14 @@ def peak_memory_mb(fn: Callable[[], object], device: torch.device) -> float:
 
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         fn()
-    events = [e for e in prof.events() if e.name == "[memory]"]
-    events.sort(key=lambda e: e.time_range.start)
+    # The raw allocation records: prof.events() folds every allocation made inside an op into that
+    # op and keeps only the frees outside ops as "[memory]" events (torch 2.13), so it reads 0.
+    events = [(e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
+              if e.name() == "[memory]" and e.device_type() == torch.autograd.DeviceType.CPU]
+    events.sort()
     live = peak = 0
-    for e in events:
-        live += e.cpu_memory_usage
+    for _, nbytes in events:
+        live += nbytes
         peak = max(peak, live)
     return peak / 2 ** 20
 
