@@ -129,6 +129,32 @@ def plot_traversals(model, x0, directory: str, steps: int = 8, names=None) -> li
     return paths
 
 
+def _latent_slice(model, x0):
+    """The 2-D slice of latent space the flow plots show: ``(centre (D,), dims [d0, d1], spread (D,))``:
+    through the posterior mean of ``x0[0]``, along the two latent coordinates in which the encoded
+    ``x0: (N, C, S, S)`` vary most (spread = their standard deviation over the N images)."""
+    import torch
+
+    with torch.no_grad():
+        mu, _ = model.encode(x0)
+        spread = mu.std(0) if mu.shape[0] > 1 else torch.ones_like(mu[0])
+        dims = spread.argsort(descending=True)[:2].tolist()
+        return mu[0], dims, spread
+
+
+def _unit_coefficients(model, field: int, n: int = 1):
+    """``(g_pot (n, K), g_rot (n, K) or None)``: field ``field`` alone at unit speed (both parts with
+    double control)."""
+    import torch
+
+    K, Kc = model.config.num_fields, model.config.num_coefficients
+    g = torch.zeros(n, Kc)
+    g[:, field] = 1.0
+    if Kc == 2 * K:
+        g[:, K + field] = 1.0
+    return model.split_coefficients(g)
+
+
 def plot_latent_flows(model, x0, path: str, resolution: int = 15, t: int = 0) -> str:
     """The velocity of each field (unit coefficient) on a 2-D slice of latent space, coloured by
     its divergence. The slice passes through the posterior mean of ``x0[0]`` along the two latent
@@ -139,25 +165,18 @@ def plot_latent_flows(model, x0, path: str, resolution: int = 15, t: int = 0) ->
 
     plt = _pyplot()
     K = model.config.num_fields
+    centre, dims, spread = _latent_slice(model, x0)
     with torch.no_grad():
-        mu, _ = model.encode(x0)
-        spread = mu.std(0)
-        dims = spread.argsort(descending=True)[:2].tolist()
-        centre = mu[0]
         axes_values = [torch.linspace(centre[d] - 2.5 * spread[d], centre[d] + 2.5 * spread[d], resolution) for d in dims]
         a, b = torch.meshgrid(axes_values[0], axes_values[1], indexing="xy")
         z = centre.repeat(resolution * resolution, 1)
         z[:, dims[0]], z[:, dims[1]] = a.flatten(), b.flatten()
         fig, axes = plt.subplots(1, K, figsize=(4.2 * K, 4), squeeze=False)
         for k in range(K):
-            g = torch.zeros(z.shape[0], model.config.num_coefficients)
-            g[:, k] = 1.0
-            if g.shape[1] == 2 * K:
-                g[:, K + k] = 1.0
+            g_pot, g_rot = _unit_coefficients(model, k, z.shape[0])
             if model.config.model == "linear":
-                velocity, div = g @ model.directions, torch.zeros(z.shape[0])
+                velocity, div = g_pot @ model.directions, torch.zeros(z.shape[0])
             else:
-                g_pot, g_rot = model.split_coefficients(g)
                 out = flow_step(z, float(t), g_pot, g_rot, model.fields, outputs=("z", "div"), backend="torch")
                 velocity, div = out.z - z, out.div
             ax = axes[0, k]
@@ -198,7 +217,32 @@ def plot_run(run_dir: str, examples: int = 4) -> list:
                 names = json.load(f).get("field_assignment")
         paths += plot_traversals(model, x[:examples, 0], directory, steps=config.T, names=names)
         paths.append(plot_latent_flows(model, x[:, 0], os.path.join(directory, "latent_flows.png")))
+    if config.model.model in ("sta", "dense"):  # models with learned fields (not linear: constant directions)
+        paths.append(plot_field_transport(model, x[:, 0], os.path.join(directory, "grid_transport_field0.png")))
     return paths
+
+
+def plot_field_transport(model, x0, path: str, field: int = 0, time: float = 2.0, t: float = 0.0,
+                         shape=(64, 64), particles: int = 2000) -> str:
+    """Density evolution under one learned field (unit speed, alone) on the latent slice of
+    :func:`plot_latent_flows`, next to the particle picture: :func:`plot_grid_transport` on the
+    model's field bank. ``x0: (N, C, S, S)`` chooses the slice; ``time`` is in transitions.
+
+    The half-width is 2.5 latent standard deviations, or twice the in-plane distance the field
+    moves the centre in ``time`` if that is larger (so the bump, of std extent / 4, stays in view).
+    """
+    import torch
+
+    from .ops import flow_step
+
+    centre, dims, spread = _latent_slice(model, x0)
+    g_pot, g_rot = _unit_coefficients(model, field)
+    with torch.no_grad():
+        v = flow_step(centre[None], float(t), g_pot, g_rot, model.fields, backend="torch").z[0] - centre
+    extent = max(2.5 * max(spread[dims[0]].item(), spread[dims[1]].item()), 2 * time * v[dims].norm().item(), 1e-3)
+    return plot_grid_transport(model.fields, path, center=centre, dims=dims, extent=extent, shape=shape,
+                               g_pot=g_pot[0], g_rot=None if g_rot is None else g_rot[0], t=t, time=time,
+                               particles=particles)
 
 
 # --- latent grid transport plots (sta.grid): density evolution next to the particle picture ---
