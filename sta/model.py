@@ -164,6 +164,20 @@ class ELBOTerms(NamedTuple):
 # Networks
 # ----------------------------------------------------------------------------------------------
 
+def _init_relu_net(net: nn.Module) -> None:
+    """He (fan-in, ReLU) initialisation with zero biases for every conv and linear layer.
+
+    Why: with PyTorch's default init the quick preset's encoder output was nearly independent of
+    the image (std of mu over a batch 0.0013) and every model collapsed to the mean image (static
+    VAE on digits, 300 Adam steps: KL(z_0) 0.1 nats, recon 505 nats/frame, worse than the 532 of
+    the mean image). With He init: KL 17 nats, recon 342 nats/frame after the same 300 steps.
+    """
+    for module in net.modules():
+        if isinstance(module, (nn.Conv2d, nn.Linear)):
+            nn.init.kaiming_normal_(module.weight, nonlinearity="relu")
+            nn.init.zeros_(module.bias)
+
+
 def _conv_sizes(image_size: int) -> list[int]:
     """Spatial sizes of the stride-2 conv stack: halve (floor) until <= 4, e.g. 28 -> [28, 14, 7, 3]."""
     sizes = [image_size]
@@ -184,6 +198,7 @@ class ConvEncoder(nn.Module):
             ch = width
         self.conv = nn.Sequential(*layers)
         self.mlp = nn.Sequential(nn.Flatten(), nn.Linear(ch * sizes[-1] ** 2, mlp), nn.ReLU(), nn.Linear(mlp, out_features))
+        _init_relu_net(self)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.mlp(self.conv(x))
@@ -202,6 +217,7 @@ class ConvDecoder(nn.Module):
             layers += [nn.Upsample(size=(size, size), mode="nearest"), nn.Conv2d(width, width, 3, 1, 1), nn.ReLU()]
         layers.append(nn.Conv2d(width, out_channels, 3, 1, 1))
         self.conv = nn.Sequential(*layers)
+        _init_relu_net(self)
 
     def forward(self, z: Tensor) -> Tensor:
         h = self.mlp(z).view(z.shape[0], self.width, self.start, self.start)
