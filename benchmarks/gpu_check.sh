@@ -113,5 +113,10 @@ else
   done
 fi
 
+if [ -f benchmarks/bench_grid_transport.py ]; then
+  step "bench_grid_transport" "$out/bench_grid_transport.log" \
+    "$PY" benchmarks/bench_grid_transport.py --device cuda --out "$out/bench_grid_transport.csv"
+fi
+
 say "done: exit code $status (0 = all passed)"
 exit "$status"
