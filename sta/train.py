@@ -80,12 +80,31 @@ class TrainConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ConfigError(f"{name}: expected a positive int, got {value!r}")
-        if not (self.lr > 0 and math.isfinite(self.lr)):
+        if self.batch_size > self.num_sequences:
+            raise ConfigError(f"batch_size: {self.batch_size} is larger than num_sequences ({self.num_sequences})")
+        numbers = {"lr": self.lr, "slab_start": self.slab_start, "anneal_speedup": self.anneal_speedup}
+        if self.grad_clip is not None:
+            numbers["grad_clip"] = self.grad_clip
+        for name, value in numbers.items():  # strings from --set would fail later with a TypeError
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise ConfigError(f"{name}: expected a finite number, got {value!r}")
+        if not self.lr > 0:
             raise ConfigError(f"lr: expected a positive float, got {self.lr!r}")
         if not 0.0 <= self.slab_start <= 1.0:
             raise ConfigError(f"slab_start: expected a fraction in [0, 1], got {self.slab_start!r}")
+        if self.anneal_speedup <= 0 or (self.grad_clip is not None and self.grad_clip <= 0):
+            raise ConfigError("anneal_speedup and grad_clip: expected > 0 (grad_clip None = off)")
         if self.device not in ("auto", "cpu", "cuda"):
             raise ConfigError(f"device: expected 'auto', 'cpu' or 'cuda', got {self.device!r}")
+        if self.device == "cuda" and not torch.cuda.is_available():
+            raise ConfigError(f"device: 'cuda' requested but torch {torch.__version__} sees no CUDA device")
+        from .data import SPECS
+
+        min_size = SPECS[self.dataset].min_size
+        if self.image_size is not None and (isinstance(self.image_size, bool) or not isinstance(self.image_size, int)
+                                            or self.image_size < min_size):
+            raise ConfigError(f"image_size: expected None or an int >= {min_size} for {self.dataset}, "
+                              f"got {self.image_size!r}")
         return self
 
     def to_dict(self) -> dict:
@@ -98,6 +117,8 @@ class TrainConfig:
         unknown = sorted(set(d) - known)
         if unknown:
             raise ConfigError(f"config: unknown keys {unknown}")
+        if not isinstance(d.get("model", {}), dict):
+            raise ConfigError(f"model: expected a mapping of ModelConfig entries, got {d['model']!r}")
         try:
             d["model"] = ModelConfig.from_dict(d.get("model", {}))
             return cls(**d)
@@ -237,6 +258,30 @@ def checkpoint_path(run_dir: str) -> str:
     return os.path.join(run_dir, "checkpoints", "last.pt")
 
 
+def read_config(path: str) -> TrainConfig:
+    """The :class:`TrainConfig` stored in a run's ``config.json`` (ConfigError if unreadable)."""
+    try:
+        with open(path) as f:
+            d = json.load(f)
+    except (OSError, ValueError) as err:
+        raise ConfigError(f"{path}: not a readable config ({err})") from None
+    if not isinstance(d, dict):
+        raise ConfigError(f"{path}: expected a JSON object, got {type(d).__name__}")
+    return TrainConfig.from_dict(d)
+
+
+def load_checkpoint(path: str, map_location="cpu") -> dict:
+    """A checkpoint written by :func:`train` (ConfigError, not a pickle traceback, if it is damaged)."""
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=False)
+    except Exception as err:  # truncated / foreign file: unpickling raises many types
+        first = (str(err).strip().splitlines() or [""])[0]
+        raise ConfigError(f"{path}: unreadable checkpoint ({type(err).__name__}: {first})") from None
+    if not isinstance(ckpt, dict) or not {"model", "optimizer", "step", "rng"} <= set(ckpt):
+        raise ConfigError(f"{path}: not a checkpoint written by sta train")
+    return ckpt
+
+
 def load_run(run_dir: str, map_location="cpu") -> tuple[TrainConfig, STAModel, dict]:
     """``(config, model with the last checkpoint's weights, checkpoint dict)`` of a run directory."""
     config_file = os.path.join(run_dir, "config.json")
@@ -244,12 +289,11 @@ def load_run(run_dir: str, map_location="cpu") -> tuple[TrainConfig, STAModel, d
         raise ConfigError(f"run directory {run_dir!r} does not exist")
     if not os.path.exists(config_file):
         raise ConfigError(f"{run_dir!r} is not a run directory (no config.json)")
-    with open(config_file) as f:
-        config = TrainConfig.from_dict(json.load(f))
+    config = read_config(config_file)
     path = checkpoint_path(run_dir)
     if not os.path.exists(path):
         raise ConfigError(f"{run_dir!r} has no checkpoint ({path}); train it first")
-    ckpt = torch.load(path, map_location=map_location, weights_only=False)
+    ckpt = load_checkpoint(path, map_location)
     model = STAModel(config.model)
     model.load_state_dict(ckpt["model"])
     model.eval()
@@ -285,8 +329,7 @@ def _train(config: TrainConfig, out, resume, progress, ctx) -> STAModel:
     if resume:
         if out is None or not os.path.exists(os.path.join(out, "config.json")):
             raise ConfigError(f"--resume: {out!r} is not a run directory (no config.json)")
-        with open(os.path.join(out, "config.json")) as f:
-            stored = TrainConfig.from_dict(json.load(f))
+        stored = read_config(os.path.join(out, "config.json"))
         config = replace(stored, steps=max(config.steps, stored.steps)) if config.steps != stored.steps else stored
     if config.batch_size % ctx.world:
         raise ConfigError(f"batch_size: {config.batch_size} is not divisible by the {ctx.world} processes")
@@ -304,7 +347,7 @@ def _train(config: TrainConfig, out, resume, progress, ctx) -> STAModel:
 
     ckpt_file = checkpoint_path(out) if out else None
     if resume and ckpt_file and os.path.exists(ckpt_file):
-        ckpt = torch.load(ckpt_file, map_location=ctx.device, weights_only=False)
+        ckpt = load_checkpoint(ckpt_file, ctx.device)
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         step = ckpt["step"]
