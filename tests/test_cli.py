@@ -1,0 +1,191 @@
+"""The command line (sta/cli.py): ``sta train / evaluate / plot / run`` in a temporary directory
+produce their files; bad configurations exit non-zero with one line on stderr and no traceback.
+
+The commands run as real subprocesses (the installed console script and ``python -m sta``), with
+one OpenMP thread (tiny ops spin-wait against other processes on a shared 2-core machine).
+"""
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PLOTS = ["loss_curves.png", "reconstructions.png", "latent_flows.png", "grid_transport_field0.png",
+         "traversal_field0.png", "traversal_field0.gif"]
+
+
+def sta(*args, cwd, timeout=300):
+    """Run ``python -m sta ARGS`` in ``cwd``; returns the CompletedProcess (text)."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    env.pop("STA_BACKEND", None)
+    return subprocess.run([sys.executable, "-m", "sta", *args], cwd=str(cwd), env=env, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def assert_ok(result):
+    assert result.returncode == 0, f"exit {result.returncode}\n{result.stdout[-2000:]}\n{result.stderr[-3000:]}"
+
+
+def assert_user_error(result, pattern):
+    """Exit status 2, exactly one line on stderr that names the problem, no traceback."""
+    assert result.returncode == 2, f"exit {result.returncode}: {result.stderr[-2000:]}"
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, f"expected a one-line message, got:\n{result.stderr}"
+    assert "Traceback" not in result.stderr and pattern in lines[0], lines[0]
+    assert lines[0].startswith("sta "), lines[0]
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    """``sta train --preset quick --steps 5`` (the default preset, shortened) in a fresh directory."""
+    cwd = tmp_path_factory.mktemp("cli")
+    result = sta("train", "--preset", "quick", "--steps", "5", "--out", "run", "--quiet", cwd=cwd)
+    assert_ok(result)
+    return cwd, cwd / "run", result
+
+
+def test_train_writes_config_metrics_and_checkpoint(quick_run):
+    cwd, run, result = quick_run
+    assert "run directory: run" in result.stdout
+    config = json.loads((run / "config.json").read_text())
+    assert config["preset"] == "quick" and config["steps"] == 5 and config["dataset"] == "digits"
+    assert config["model"]["model"] == "sta" and config["model"]["backend"] == "auto"
+    metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in metrics] == [5]  # log_every 10: only the final step is logged
+    for key in ("loss", "recon", "kl_z0", "kl_path", "kl_spike", "kl_slab", "hj", "div", "nelbo"):
+        assert key in metrics[0]
+    import torch
+
+    ckpt = torch.load(run / "checkpoints" / "last.pt", weights_only=False)
+    assert ckpt["step"] == 5 and {"model", "optimizer", "rng", "config"} <= set(ckpt)
+    assert not [f for f in os.listdir(run / "checkpoints") if f != "last.pt"], "temp files left behind"
+
+
+def test_evaluate_then_plot(quick_run):
+    cwd, run, _ = quick_run
+    result = sta("evaluate", "run", "--iw-samples", "4", cwd=cwd)
+    assert_ok(result)
+    assert "equivariance error" in result.stdout and "identification accuracy" in result.stdout
+    evaluation = json.loads((run / "eval.json").read_text())
+    assert evaluation["step"] == 5 and evaluation["iw_samples"] == 4
+
+    result = sta("plot", "run", cwd=cwd)
+    assert_ok(result)
+    written = result.stdout.split()
+    for name in PLOTS + ["traversal_field1.png", "traversal_field2.png"]:
+        path = run / "plots" / name
+        assert path.exists() and path.stat().st_size > 1000, f"{name} missing or empty"
+        assert os.path.join("run", "plots", name) in written
+    with open(run / "plots" / "grid_transport_field0.png", "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_console_script_and_run_command(tmp_path):
+    """``sta run`` (train + evaluate + plot) through the installed console script when present."""
+    exe = shutil.which("sta")
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    env.pop("STA_BACKEND", None)
+    cmd = [exe] if exe else [sys.executable, "-m", "sta"]
+    result = subprocess.run(cmd + ["run", "--preset", "tiny", "--steps", "3", "--out", "r", "--quiet"], cwd=str(tmp_path),
+                            env=env, capture_output=True, text=True, timeout=300)
+    assert_ok(result)
+    run = tmp_path / "r"
+    for name in ["config.json", "metrics.jsonl", "eval.json", os.path.join("checkpoints", "last.pt")] + \
+            [os.path.join("plots", p) for p in PLOTS]:
+        assert (run / name).exists(), f"sta run did not write {name}"
+    assert json.loads((run / "eval.json").read_text())["step"] == 3
+
+
+BAD = [
+    (["train", "--preset", "huge"], "unknown preset 'huge'"),
+    (["train", "--preset", "tiny", "--steps", "-5"], "steps: expected a positive int, got -5"),
+    (["train", "--preset", "tiny", "--steps", "0"], "steps: expected a positive int, got 0"),
+    (["train", "--preset", "tiny", "--set", "model.latent=-1"], "latent: expected a positive int"),
+    (["train", "--preset", "tiny", "--set", "nonsense=1"], "unknown key 'nonsense'"),
+    (["train", "--preset", "tiny", "--set", "lr"], "expected KEY=VALUE"),
+    (["train", "--preset", "tiny", "--model", "transformer"], "model: expected one of"),
+    (["train", "--preset", "tiny", "--dataset", "mnist"], "dataset: expected one of"),
+    (["train", "--preset", "tiny", "--resume", "--out", "missing"], "not a run directory"),
+    (["train", "--preset", "tiny", "--set", "image_size=3"], "image_size: expected None or an int >= 8"),
+    (["train", "--preset", "tiny", "--set", "batch_size=100"], "batch_size: 100 is larger than num_sequences"),
+    (["train", "--preset", "tiny", "--set", "lr=fast"], "lr: expected a finite number, got 'fast'"),
+    (["train", "--preset", "tiny", "--set", "model=3"], "model: expected a mapping"),
+    (["run", "--preset", "huge"], "unknown preset 'huge'"),
+    (["evaluate", "missing"], "run directory 'missing' does not exist"),
+    (["plot", "missing"], "run directory 'missing' does not exist"),
+    (["evaluate", "."], "is not a run directory (no config.json)"),
+]
+
+
+@pytest.mark.parametrize("args,message", [BAD[0], BAD[1], BAD[10]], ids=["preset", "steps", "run_dir"])
+def test_bad_configs_exit_with_one_line_in_a_process(args, message, tmp_path):
+    """The three cases of the issue through a real process: exit status and stderr as a user sees them."""
+    assert_user_error(sta(*args, cwd=tmp_path), message)
+
+
+@pytest.mark.parametrize("args,message", BAD, ids=[" ".join(a) for a, _ in BAD])
+def test_bad_configs_exit_with_one_line(args, message, tmp_path, monkeypatch, capsys):
+    """Every user error, in-process (each subprocess costs seconds of torch import)."""
+    from sta.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    code = main(args)
+    captured = capsys.readouterr()
+    assert_user_error(subprocess.CompletedProcess(args, code, captured.out, captured.err), message)
+
+
+def test_existing_run_and_missing_checkpoint(tmp_path, monkeypatch, capsys):
+    """Training into an existing run without --resume is refused; a run without a checkpoint cannot
+    be evaluated or plotted."""
+    from sta.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "config.json").write_text(json.dumps({"preset": "tiny"}))
+    for args, message in [(["train", "--preset", "tiny", "--out", "run"], "already holds a run"),
+                          (["evaluate", "run"], "has no checkpoint"), (["plot", "run"], "has no checkpoint")]:
+        code = main(args)
+        captured = capsys.readouterr()
+        assert_user_error(subprocess.CompletedProcess(args, code, captured.out, captured.err), message)
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_damaged_run_directory(tmp_path, monkeypatch, capsys):
+    """A config.json that is not JSON and a checkpoint that is not a checkpoint: one-line errors."""
+    import torch
+
+    from sta.cli import main
+    from sta.train import preset
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "config.json").write_text("{not json")
+    (tmp_path / "b" / "checkpoints").mkdir(parents=True)
+    (tmp_path / "b" / "config.json").write_text(json.dumps(preset("tiny").to_dict()))
+    (tmp_path / "b" / "checkpoints" / "last.pt").write_bytes(b"\x80\x02 truncated")
+    cases = [(["evaluate", "a"], "not a readable config"), (["plot", "b"], "unreadable checkpoint"),
+             (["train", "--preset", "tiny", "--out", "b", "--resume"], "unreadable checkpoint")]
+    torch.save({"weights": 1}, tmp_path / "c.pt")
+    (tmp_path / "c" / "checkpoints").mkdir(parents=True)
+    (tmp_path / "c" / "config.json").write_text(json.dumps(preset("tiny").to_dict()))
+    os.replace(tmp_path / "c.pt", tmp_path / "c" / "checkpoints" / "last.pt")
+    cases.append((["evaluate", "c"], "not a checkpoint written by sta train"))
+    for args, message in cases:
+        code = main(args)
+        captured = capsys.readouterr()
+        assert_user_error(subprocess.CompletedProcess(args, code, captured.out, captured.err), message)
+
+
+def test_cuda_device_without_cuda_is_a_config_error(monkeypatch, capsys, tmp_path):
+    import torch
+
+    from sta.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    code = main(["train", "--preset", "tiny", "--set", "device=cuda", "--out", "r"])
+    captured = capsys.readouterr()
+    assert_user_error(subprocess.CompletedProcess([], code, captured.out, captured.err), "sees no CUDA device")
