@@ -68,21 +68,29 @@ def _steps_for(backend: str) -> int:
 _REFERENCE = {}
 
 
-def reference_run(steps, tmp_dir):
-    """The torch-reference run of ``steps`` steps, once per module: (metrics, final state_dict)."""
-    if steps not in _REFERENCE:
-        run_dir = os.path.join(tmp_dir, f"reference{steps}")
-        model = train(tiny(steps=steps, **{"model.backend": "torch"}), run_dir, progress=False)
-        _REFERENCE[steps] = read_metrics(run_dir), {k: v.clone() for k, v in model.state_dict().items()}
-    return _REFERENCE[steps]
+def _device_for(backend: str) -> str:
+    """GPU backends train on the GPU when there is one (the Triton interpreter runs on the CPU)."""
+    return "cuda" if backend in ("cuda", "triton") and torch.cuda.is_available() else "cpu"
+
+
+def reference_run(steps, device, tmp_dir):
+    """The torch-reference run of ``steps`` steps on ``device``, once per module: (metrics, final state_dict)."""
+    if (steps, device) not in _REFERENCE:
+        run_dir = os.path.join(tmp_dir, f"reference{steps}{device}")
+        model = train(tiny(steps=steps, device=device, **{"model.backend": "torch"}), run_dir, progress=False)
+        _REFERENCE[steps, device] = read_metrics(run_dir), {k: v.clone() for k, v in model.state_dict().items()}
+    return _REFERENCE[steps, device]
 
 
 @pytest.mark.parametrize("backend", [b for b in _available_backends() if b != "torch"])
 def test_same_loss_curve_on_every_backend(backend, tmp_path_factory, tmp_path, monkeypatch):
     """The model asks for backend "auto"; STA_BACKEND forces one. A spy on sta.ops.select records
     which backend really ran every flow_step. Curves and final parameters match the reference."""
-    steps = _steps_for(backend)
-    ref_metrics, ref_state = reference_run(steps, str(tmp_path_factory.getbasetemp()))
+    steps, device = _steps_for(backend), _device_for(backend)
+    if device == "cuda":  # cuDNN's fastest conv backward kernels are not run-to-run deterministic
+        monkeypatch.setattr(torch.backends.cudnn, "deterministic", True)
+        monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)
+    ref_metrics, ref_state = reference_run(steps, device, str(tmp_path_factory.getbasetemp()))
     chosen = []
     original = sta.ops.select
 
@@ -93,7 +101,7 @@ def test_same_loss_curve_on_every_backend(backend, tmp_path_factory, tmp_path, m
 
     monkeypatch.setattr(sta.ops, "select", spy)
     monkeypatch.setenv("STA_BACKEND", backend)
-    config = tiny(steps=steps)
+    config = tiny(steps=steps, device=device)
     assert config.model.backend == "auto"
     model = train(config, str(tmp_path / "run"), progress=False)
     assert chosen and {name for name, _ in chosen} == {"auto"}, "the model must call flow_step(backend='auto')"
