@@ -299,3 +299,17 @@ def test_two_gloo_processes_keep_identical_parameters(tmp_path):
     for name, value in ckpt["model"].items():
         assert torch.equal(value, states[0][name])
     assert [m["step"] for m in read_metrics(run_dir)] == list(range(1, 13))
+
+
+def test_torchrun_cli_two_processes(tmp_path):
+    """The documented launch: ``torchrun --nproc_per_node=2 -m sta train`` (gloo on the CPU); rank 0
+    writes one run directory whose checkpoint holds both ranks' RNG states."""
+    run_dir = str(tmp_path / "run")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port", str(_free_port()),
+           "-m", "sta", "train", "--preset", "tiny", "--steps", "4", "--out", run_dir, "--quiet"]
+    result = subprocess.run(cmd, cwd=str(tmp_path), env=subprocess_env(), capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.count("run directory:") == 1, "only rank 0 reports"
+    ckpt = torch.load(checkpoint_path(run_dir), weights_only=False)
+    assert ckpt["step"] == 4 and len(ckpt["rng"]) == 2
+    assert [m["step"] for m in read_metrics(run_dir)] == [1, 2, 3, 4]
