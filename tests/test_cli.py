@@ -189,3 +189,29 @@ def test_cuda_device_without_cuda_is_a_config_error(monkeypatch, capsys, tmp_pat
     code = main(["train", "--preset", "tiny", "--set", "device=cuda", "--out", "r"])
     captured = capsys.readouterr()
     assert_user_error(subprocess.CompletedProcess([], code, captured.out, captured.err), "sees no CUDA device")
+
+
+@pytest.mark.parametrize("overrides,transport", [
+    (['model.model="dense"', 'model.control="double"', 'model.rotational="mlp"'], True),
+    (['model.model="linear"'], False),
+    (['model.model="static"'], False),
+])
+def test_plot_every_model(overrides, transport, tmp_path, monkeypatch):
+    """``sta plot`` on the other models (in-process): the grid transport needs learned fields, so
+    linear (constant directions) and static (no dynamics) skip it; static has no traversals either."""
+    import torch
+
+    from sta.cli import main
+    from sta.train import apply_overrides, preset, train
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        train(apply_overrides(preset("tiny"), ["steps=2"] + overrides), str(tmp_path / "run"), progress=False)
+        assert main(["plot", str(tmp_path / "run")]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    written = set(os.listdir(tmp_path / "run" / "plots"))
+    assert {"loss_curves.png", "reconstructions.png"} <= written
+    assert ("grid_transport_field0.png" in written) == transport
+    assert ("latent_flows.png" in written) == ("static" not in overrides[0])
