@@ -80,8 +80,17 @@ def _train(args) -> int:
 
     config = _train_config(args)
     out = args.out or _default_out(config)
-    if os.path.exists(os.path.join(out, "config.json")) and not args.resume:
+    stored = os.path.join(out, "config.json")
+    if os.path.exists(stored) and not args.resume:
         raise _CLIError(f"{out!r} already holds a run; pass --resume to continue it or choose another --out")
+    if args.resume and os.path.exists(stored):
+        # the run's own config, not the (default) preset's: its steps would silently extend the run
+        from .train import read_config
+
+        config = read_config(stored)
+        if args.steps is not None:
+            config.steps = args.steps
+        config.validate()
     train(config, out, resume=args.resume, progress=not args.quiet)
     if int(os.environ.get("RANK", "0")) == 0:
         print(f"run directory: {out}")
