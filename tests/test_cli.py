@@ -215,3 +215,24 @@ def test_plot_every_model(overrides, transport, tmp_path, monkeypatch):
     assert {"loss_curves.png", "reconstructions.png"} <= written
     assert ("grid_transport_field0.png" in written) == transport
     assert ("latent_flows.png" in written) == ("static" not in overrides[0])
+
+
+def test_resume_without_steps_continues_to_the_runs_own_steps(tmp_path, monkeypatch):
+    """``sta train --out RUN --resume`` (no --preset, no --steps) finishes the run as configured;
+    it used to take the default preset's 1000 steps and silently extend a 3-step run."""
+    import torch
+
+    from sta.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        assert main(["train", "--preset", "tiny", "--steps", "3", "--out", "run", "--quiet"]) == 0
+        assert main(["train", "--out", "run", "--resume", "--quiet"]) == 0
+        assert torch.load("run/checkpoints/last.pt", weights_only=False)["step"] == 3
+        assert json.loads((tmp_path / "run" / "config.json").read_text())["steps"] == 3
+        assert main(["train", "--out", "run", "--resume", "--steps", "5", "--quiet"]) == 0  # extend on purpose
+        assert torch.load("run/checkpoints/last.pt", weights_only=False)["step"] == 5
+    finally:
+        torch.set_num_threads(threads)
