@@ -407,10 +407,18 @@ def _train(config: TrainConfig, out, resume, progress, ctx) -> STAModel:
 
 
 def _truncate_metrics(path: str, step: int) -> None:
-    """Drop logged lines after ``step`` (a resumed run logs them again)."""
+    """Drop logged lines after ``step`` (a resumed run logs them again), and a line cut short by a
+    kill mid-write (it would not parse)."""
     if not os.path.exists(path):
         return
+
+    def keep(line: str) -> bool:
+        try:
+            return line.endswith("\n") and json.loads(line)["step"] <= step
+        except (ValueError, KeyError, TypeError):
+            return False
+
     with open(path) as f:
-        lines = [line for line in f if line.strip() and json.loads(line)["step"] <= step]
+        lines = [line for line in f if keep(line)]
     with open(path, "w") as f:
         f.writelines(lines)
