@@ -242,6 +242,15 @@ def test_stale_temp_file_from_a_killed_writer_is_ignored(tmp_path):
     assert model is not None
 
 
+def test_resume_drops_a_metrics_line_cut_short_by_the_kill(tmp_path):
+    run_dir = str(tmp_path / "run")
+    train(tiny(steps=10), run_dir, progress=False)
+    with open(os.path.join(run_dir, "metrics.jsonl"), "a") as f:
+        f.write('{"step": 11, "time": 0.5, "lo')  # SIGKILL in the middle of a write
+    train(tiny(steps=12), run_dir, resume=True, progress=False)
+    assert [m["step"] for m in read_metrics(run_dir)] == list(range(1, 13))
+
+
 def test_bad_resume_and_config_errors(tmp_path):
     with pytest.raises(ConfigError, match="not a run directory"):
         train(tiny(steps=2), str(tmp_path / "nothing"), resume=True, progress=False)
