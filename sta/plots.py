@@ -35,8 +35,13 @@ def plot_loss_curves(metrics_file: str, path: str) -> str:
     import json
 
     plt = _pyplot()
+    records = []
     with open(metrics_file) as f:
-        records = [json.loads(line) for line in f if line.strip()]
+        for line in f:
+            try:
+                records.append(json.loads(line))
+            except ValueError:  # blank, or cut short by a kill mid-write
+                continue
     keys = ["loss", "recon", "kl_path", "kl_spike", "kl_slab", "hj"]
     fig, axes = plt.subplots(2, 3, figsize=(12, 6))
     steps = [r["step"] for r in records]
