@@ -236,3 +236,23 @@ def test_resume_without_steps_continues_to_the_runs_own_steps(tmp_path, monkeypa
         assert torch.load("run/checkpoints/last.pt", weights_only=False)["step"] == 5
     finally:
         torch.set_num_threads(threads)
+
+
+def test_plot_a_killed_run(tmp_path, capsys):
+    """A run killed mid-write of metrics.jsonl still plots (the cut line is skipped)."""
+    import torch
+
+    from sta.cli import main
+    from sta.train import preset, train
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        run = str(tmp_path / "run")
+        train(preset("tiny"), run, progress=False)
+        with open(os.path.join(run, "metrics.jsonl"), "a") as f:
+            f.write('{"step": 21, "lo')
+        assert main(["plot", run]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    assert os.path.exists(os.path.join(run, "plots", "loss_curves.png"))
