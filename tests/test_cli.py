@@ -243,15 +243,15 @@ def test_plot_a_killed_run(tmp_path, capsys):
     import torch
 
     from sta.cli import main
-    from sta.train import preset, train
+    from sta.train import apply_overrides, preset, train
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
         run = str(tmp_path / "run")
-        train(preset("tiny"), run, progress=False)
+        train(apply_overrides(preset("tiny"), ["steps=2", "log_every=1"]), run, progress=False)
         with open(os.path.join(run, "metrics.jsonl"), "a") as f:
-            f.write('{"step": 21, "lo')
+            f.write('{"step": 3, "lo')
         assert main(["plot", run]) == 0
     finally:
         torch.set_num_threads(threads)
