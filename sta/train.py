@@ -130,8 +130,8 @@ def _quick() -> TrainConfig:
     # Sized so one model trains in a few minutes on 2 CPU cores (see benchmarks/bench_models.py).
     return TrainConfig(
         preset="quick",
-        model=ModelConfig(latent=16, num_fields=3, hidden=32, conv=32),
-        T=8, image_size=28, num_sequences=1000, steps=1200, batch_size=32, lr=1e-3,
+        model=ModelConfig(latent=16, num_fields=3, hidden=32, conv=16),
+        T=8, image_size=28, num_sequences=1000, steps=1000, batch_size=32, lr=1e-3,
         slab_start=0.3, anneal_speedup=50.0, checkpoint_every=200,
     )
 
