@@ -287,6 +287,15 @@ def hutchinson_step(z, g_pot, g_rot, fields, train: bool):
 providers = H.Providers()
 #: providers that need autograd for their forward; their cost is estimated before measuring
 DENSE_BASELINES = ("authors", "autograd_exact", "hessian", "hutchinson")
+#: A lower bound of the matrix products (one row times a D x H matrix) per sample of the dense
+#: baselines that differentiate once per coordinate: D vector-Jacobian (or Jacobian-vector)
+#: products, each through the two weight matrices of every field it covers. authors: the
+#: jacrev of the Kr mlp fields; autograd_exact and hessian: all Kp + Kr fields.
+DENSE_PRODUCTS_PER_SAMPLE = {
+    "authors": lambda s: s.D * 2 * s.Kr,
+    "autograd_exact": lambda s: s.D * 2 * (s.Kp + s.Kr),
+    "hessian": lambda s: s.D * 2 * (s.Kp + s.Kr),
+}
 
 
 def _dense(step_fn):
@@ -456,6 +465,15 @@ def run_case(case: Case, names: list, device, args, sgemm_gflops: float) -> list
             if name in skipped_fwd:  # fwd+bwd costs more than fwd
                 rows.append(dict(base, what="skipped", note="fwd was skipped; fwd+bwd costs more"))
                 continue
+            if name in DENSE_PRODUCTS_PER_SAMPLE:  # skip without running when even the bound is too slow
+                flops = DENSE_PRODUCTS_PER_SAMPLE[name](shape) * shape.B * 2.0 * shape.D * shape.H
+                bound_s = flops / (sgemm_gflops * 1e9)
+                if bound_s > args.max_call_s:
+                    note = (f"skipped: one call takes at least {bound_s:.0f} s > {args.max_call_s:.0f} s "
+                            f"({flops / 1e12:.1f} TFLOP of per-coordinate derivative products at the SGEMM peak)")
+                    print(f"  {shape.name} {mode:7s} {name}: {note}", flush=True)
+                    rows.append(dict(base, what="skipped", est_ms=bound_s * 1e3, note=note))
+                    continue
             if name in DENSE_BASELINES:
                 est_s, how = estimate_seconds(name, step, case, mode, device, args)
                 if est_s > args.max_call_s:
@@ -690,13 +708,15 @@ def main(argv=None) -> int:
 
     load_after = os.getloadavg()
     prov = H.provenance(device)
+    prov["command"] = " ".join(["python benchmarks/bench_flow_step.py", *(sys.argv[1:] if argv is None else argv)])
     prov["sgemm_peak_gflops"] = round(sgemm, 1)
     prov["load_avg_before"] = " ".join(f"{x:.2f}" for x in load_before)
     prov["load_avg_after"] = " ".join(f"{x:.2f}" for x in load_after)
     prov["wall_s"] = round(time.perf_counter() - start, 1)
     kernel = "cpu" if device.type == "cpu" else "cuda"
     target_lines = targets(rows, kernel)
-    header = [f"Machine: {prov['machine']}; torch {prov['torch']}; git {prov['git_sha']}; {prov['date']}.",
+    header = [f"Command: `{prov['command']}`.",
+              f"Machine: {prov['machine']}; torch {prov['torch']}; git {prov['git_sha']}; {prov['date']}.",
               f"SGEMM peak (float32, measured in this run): {sgemm:.1f} GFLOP/s. Load average before / after: "
               f"{prov['load_avg_before']} / {prov['load_avg_after']} (the CPU is shared). "
               f"Wall time {prov['wall_s']} s."]
