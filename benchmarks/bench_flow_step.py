@@ -154,6 +154,8 @@ def coefficients(B: int, K: int, active: int, gen: torch.Generator) -> torch.Ten
 
 def make_case(shape: Shape, device: torch.device, active: Optional[int] = None, seed: int = 0,
               with_reference: bool = True) -> Case:
+    """Seeded fields (mlp rotational construction), z: (B, D), coefficients with ``active`` (default
+    ``shape.active``) fields on per sample, loss weights, and the float64 reference."""
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
     fields = sta.FieldBank(shape.D, shape.Kp, shape.Kr, shape.H, rotational="mlp")
