@@ -61,7 +61,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import math
 import os
 import statistics
 import sys
