@@ -7,7 +7,8 @@ divergence of the mixed field, what the model uses. Providers:
   (a) ``authors``         authors'-style step, written here: every field for every sample (dense),
                           grad u by autograd, their "Laplacian" = one backward of sum(grad u), i.e.
                           the Hessian-row-sum sum_ij d^2u/dz_i dz_j (NOT the trace), and the mlp
-                          divergence as the trace of vmap(jacrev) Jacobians;
+                          divergence as the trace of vmap(jacrev) Jacobians, one per sample of
+                          the g-weighted mix (per-field Jacobians would cost Kr times more);
   (b) ``autograd_exact``  dense autograd step with the exact divergence: one backward per
                           coordinate of the velocity (D backward passes), what plain PyTorch pays
                           for the correct quantity;
