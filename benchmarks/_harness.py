@@ -162,7 +162,7 @@ class Providers:
 # provenance and output
 # ----------------------------------------------------------------------------------------------
 
-def _cpu_model() -> str:
+def cpu_model() -> str:
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
@@ -189,7 +189,7 @@ def provenance(device: torch.device) -> dict:
     info = {
         "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
         "git_sha": git_sha(),
-        "machine": f"{_cpu_model()} ({os.cpu_count()} cpus, {torch.get_num_threads()} torch threads)",
+        "machine": f"{cpu_model()} ({os.cpu_count()} cpus, {torch.get_num_threads()} torch threads)",
         "python": platform.python_version(),
         "torch": torch.__version__,
     }

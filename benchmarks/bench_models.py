@@ -14,9 +14,7 @@ from __future__ import annotations
 import argparse
 import csv
 import os
-import platform
 import shutil
-import subprocess
 import sys
 import time
 
@@ -26,27 +24,10 @@ sys.path.insert(0, ROOT)
 
 import torch  # noqa: E402
 
+from _harness import cpu_model, git_sha  # noqa: E402
 from sta.evaluate import evaluate  # noqa: E402
 from sta.model import MODELS  # noqa: E402
 from sta.train import apply_overrides, preset, train  # noqa: E402
-
-
-def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def _git_sha() -> str:
-    try:
-        return subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, text=True).strip()
-    except Exception:
-        return "unknown"
 
 
 def main(argv=None) -> int:
@@ -61,7 +42,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
 
     runs = args.runs or os.path.join(ROOT, "runs", f"bench-{args.dataset}-{args.preset}")
-    machine = f"{_cpu_name()}, {torch.get_num_threads()} threads"
+    machine = f"{cpu_model()}, {torch.get_num_threads()} threads"
     rows = []
     for name in args.models:
         overrides = [f'model.model="{name}"', f'dataset="{args.dataset}"', f"seed={args.seed}"]
@@ -96,7 +77,7 @@ def main(argv=None) -> int:
             "eval_s": round(eval_s, 1),
             "machine": machine,
             "torch": torch.__version__,
-            "git": _git_sha(),
+            "git": git_sha(),
         }
         rows.append(row)
         print({k: row[k] for k in ("model", "nelbo_per_sequence", "equivariance_error", "identification_accuracy",

@@ -84,6 +84,16 @@ def apply_transformations(state: Tensor, active: Tensor, speed: Tensor, units) -
     return state + active.to(state.dtype) * speed.to(state.dtype) * units
 
 
+def mixed_radix_digits(index: Tensor, sizes) -> Tensor:
+    """Index (N,) into a grid of factors with ``sizes`` (last fastest) -> digits (N, len(sizes))."""
+    out = []
+    rest = index.clone()
+    for size in reversed(sizes):
+        out.append(rest % size)
+        rest = rest // size
+    return torch.stack(out[::-1], dim=1)
+
+
 def source_split(num_sources: int, split: str) -> Tensor:
     """Source indices of ``split`` ('train' or 'test'): a fixed seeded permutation, 80/20, disjoint."""
     if split not in SPLITS:

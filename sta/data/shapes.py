@@ -28,7 +28,7 @@ import math
 import torch
 from torch import Tensor
 
-from .base import DatasetSpec, coverage, hue_to_rgb, pixel_grid, sdf_box, sdf_capsule, sdf_ellipse, to_local
+from .base import DatasetSpec, coverage, mixed_radix_digits, hue_to_rgb, pixel_grid, sdf_box, sdf_capsule, sdf_ellipse, to_local
 
 TRANSFORMATIONS = ("floor_hue", "wall_hue", "object_hue", "scale", "orientation")
 UNITS = (30.0, 30.0, 30.0, math.log(1.1), 20.0)
@@ -48,12 +48,7 @@ BASE_SIZE = 0.3
 
 def factors(index: Tensor) -> Tensor:
     """Source index (N,) -> factor indices (N, 6) in the order of :data:`FACTOR_SIZES`."""
-    out = []
-    rest = index.clone()
-    for size in reversed(FACTOR_SIZES):
-        out.append(rest % size)
-        rest = rest // size
-    return torch.stack(out[::-1], dim=1)
+    return mixed_radix_digits(index, FACTOR_SIZES)
 
 
 def load_content(index: Tensor, image_size: int) -> Tensor:

@@ -23,7 +23,7 @@ import math
 import torch
 from torch import Tensor
 
-from .base import DatasetSpec, coverage, pixel_grid, sdf_box, sdf_ellipse, sdf_heart, to_local
+from .base import DatasetSpec, coverage, mixed_radix_digits, pixel_grid, sdf_box, sdf_ellipse, sdf_heart, to_local
 
 TRANSFORMATIONS = ("translation_x", "translation_y", "rotation", "scale")
 UNITS = (0.1, 0.1, 20.0, math.log(1.1))
@@ -37,12 +37,7 @@ POSITION_RANGE = (-0.6, 0.0)
 
 def factors(index: Tensor) -> Tensor:
     """Source index (N,) -> factor indices (N, 5) in the order of :data:`FACTOR_SIZES`."""
-    out = []
-    rest = index.clone()
-    for size in reversed(FACTOR_SIZES):
-        out.append(rest % size)
-        rest = rest // size
-    return torch.stack(out[::-1], dim=1)
+    return mixed_radix_digits(index, FACTOR_SIZES)
 
 
 def load_content(index: Tensor, image_size: int) -> Tensor:
