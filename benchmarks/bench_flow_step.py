@@ -514,6 +514,56 @@ def run_case(case: Case, names: list, device, args, sgemm_gflops: float) -> list
     return rows
 
 
+#: consecutive forward steps captured in one CUDA graph (issue 5 target: per step, under a graph of 16)
+GRAPH_STEPS = 16
+
+
+def cuda_graph_rows(case: Case, names: list, device, args) -> list:
+    """Per-step time of GRAPH_STEPS chained forward steps (z_{t+1} = step(z_t)) replayed from one
+    CUDA graph, for the providers that run on the GPU. Launch overhead dominates a step at the
+    authors' scale, so this is the figure a training loop under CUDA graphs sees. A provider that
+    cannot be captured (e.g. one that copies routing sizes to the host) gets a skipped row saying why.
+    """
+    rows = []
+    for name in names:
+        if name not in ("torch", "triton", "cuda"):
+            continue
+        step = providers._items[name].build(case)
+        base = dict(section="step", shape=case.shape.name, provider=name, mode=f"fwd graph x{GRAPH_STEPS}",
+                    B=case.shape.B, D=case.shape.D, H=case.shape.H, Kp=case.shape.Kp, Kr=case.shape.Kr,
+                    active=case.shape.active, dtype="float32", rotational="mlp")
+        z0 = case.z.clone()
+
+        def chain():
+            z = z0
+            for _ in range(GRAPH_STEPS):
+                z, _ = step(z, case.g_pot, case.g_rot, False)
+            return z
+
+        try:
+            with torch.no_grad():
+                side = torch.cuda.Stream()
+                side.wait_stream(torch.cuda.current_stream())
+                with torch.cuda.stream(side):  # warm-up (autotuning, allocator) outside the capture
+                    for _ in range(3):
+                        chain()
+                torch.cuda.current_stream().wait_stream(side)
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph):
+                    chain()
+        except Exception as err:
+            note = f"not capturable in a CUDA graph: {type(err).__name__}: {str(err).splitlines()[0][:200]}"
+            print(f"  {case.shape.name} graph   {name}: {note}", flush=True)
+            rows.append(dict(base, what="skipped", note=note))
+            continue
+        timing = H.measure(graph.replay, device, warmup=1, reps=args.reps, min_reps=3, budget_s=args.budget_s)
+        rows.append(dict(base, what="measured", median_ms=timing.median / GRAPH_STEPS,
+                         p20_ms=timing.p20 / GRAPH_STEPS, p80_ms=timing.p80 / GRAPH_STEPS, reps=timing.reps,
+                         note=f"per step: {GRAPH_STEPS} chained steps replayed from one CUDA graph"))
+        print(f"  {case.shape.name} graph   {name:15s} {timing} / {GRAPH_STEPS}", flush=True)
+    return rows
+
+
 def run_sweep(sweep, names: list, device, args) -> tuple:
     """Time the step against the number of active pairs; fit time = t0 + c * pairs per provider."""
     shape, actives = sweep
@@ -733,8 +783,9 @@ def main(argv=None) -> int:
         case = make_case(shape, device)
         print(f"{shape.label()}: inputs and float64 reference in {time.perf_counter() - t0:.1f} s", flush=True)
         # measured rows first, the providers skipped for the whole run last
+        graph = cuda_graph_rows(case, runnable, device, args) if device.type == "cuda" else []
         rows = [r for r in rows if r["shape"] != "all"] + run_case(case, runnable, device, args, sgemm) + \
-            [r for r in rows if r["shape"] == "all"]
+            graph + [r for r in rows if r["shape"] == "all"]
         del case
 
     sweep_rows, fits = [], []
