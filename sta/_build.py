@@ -91,6 +91,22 @@ def want_cuda() -> bool:
     return found and bool(cuda_sources_of(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
 
+def why_no_cuda() -> str:
+    """Why the CUDA sources are not compiled, or "" when they are (for ``python -m sta.info``)."""
+    try:
+        if _mode("STA_BUILD_CUDA") == "0":
+            return "STA_BUILD_CUDA=0"
+        import torch
+        from torch.utils.cpp_extension import CUDA_HOME
+    except Exception as err:
+        return f"{type(err).__name__}: {err}"
+    if torch.version.cuda is None:
+        return f"torch {torch.__version__} has no CUDA; install a CUDA build of torch, then rebuild"
+    if CUDA_HOME is None:
+        return "nvcc / CUDA_HOME not found"
+    return ""
+
+
 def cpu_sources_of(repo_root: str) -> list[str]:
     """Every C++ source of the CPU ops (one file per op; new files are picked up)."""
     return sorted(glob.glob(os.path.join(csrc_dir(repo_root), "cpu", "*.cpp")))

@@ -177,7 +177,10 @@ def status() -> str:
     if not _tried:
         return "not loaded yet" + (" (built)" if is_built() else " (not built: compiles on first use)")
     if _module is not None:
-        cuda = " with CUDA" if getattr(_module, "WITH_CUDA", 0) else ""
+        if getattr(_module, "WITH_CUDA", 0):
+            cuda = " with CUDA"
+        else:
+            cuda = f", CPU kernels only ({_build.why_no_cuda() or 'built without CUDA: rebuild'})"
         return f"loaded{cuda}: {_how}, torch {getattr(_module, 'TORCH_VERSION', '?')}"
     return f"unavailable: {_error}"
 

@@ -325,6 +325,15 @@ def test_why_not_when_not_built(cpu, monkeypatch):
     assert "unavailable" in _extension.status()
 
 
+def test_status_says_why_the_cuda_kernels_were_not_built(cpu):
+    if getattr(_extension.load(), "WITH_CUDA", 0):
+        assert "with CUDA" in _extension.status()
+    elif torch.version.cuda is None:  # issue 5: sta.info shows what was built and why
+        assert "CPU kernels only" in _extension.status() and "has no CUDA" in _extension.status()
+    else:
+        assert "CPU kernels only (" in _extension.status()
+
+
 def test_stale_build_is_refused():
     stale = types.SimpleNamespace(TORCH_VERSION="1.0.0")
     reason = _extension._check_version(stale, "sta._C")
