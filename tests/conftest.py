@@ -56,3 +56,15 @@ def _seed():
     np.random.seed(0)
     torch.manual_seed(0)
     yield
+
+
+@pytest.fixture
+def one_thread():
+    """Run a test with one torch thread: tiny ops on a shared 2-core CPU ran ~100x slower with two
+    (OpenMP workers spinning while the other core was busy)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -23,13 +23,8 @@ KEYS = {"run_dir", "model", "dataset", "step", "test_sequences", "frames_per_seq
 TERMS = {"recon", "kl_z0", "kl_path", "kl_spike", "kl_slab", "hj", "div", "nelbo", "loss"}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny ops: one thread avoids OpenMP spin contention on the shared 2-core machine (~100x).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# Tiny ops: one thread (fixture in conftest.py) avoids OpenMP spin contention on a shared CPU.
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 _RUNS = {}

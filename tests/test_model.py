@@ -17,13 +17,8 @@ from sta.model import MODELS, ELBOTerms, ModelConfig, STAModel
 COMBOS = list(itertools.product(MODELS, ("hamiltonian", "mlp"), ("single", "double")))
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny ops: one thread avoids OpenMP spin contention on the shared 2-core machine (~100x).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# Tiny ops: one thread (fixture in conftest.py) avoids OpenMP spin contention on a shared CPU.
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_config(**overrides) -> ModelConfig:

@@ -25,12 +25,8 @@ from tests.tolerances import TRAINING, assert_close
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# Tiny ops: one thread (fixture in conftest.py) avoids OpenMP spin contention on a shared CPU.
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny(**overrides):
