@@ -78,21 +78,14 @@ def have_cxx() -> bool:
 def want_cuda() -> bool:
     """Whether to compile the CUDA sources (``STA_BUILD_CUDA``)."""
     mode = _mode("STA_BUILD_CUDA")
-    if mode == "0":
-        return False
-    try:
-        import torch
-        from torch.utils.cpp_extension import CUDA_HOME
-    except Exception:
-        return False
-    found = torch.version.cuda is not None and CUDA_HOME is not None
-    if mode == "1" and not found:
-        raise RuntimeError("STA_BUILD_CUDA=1 but torch has no CUDA or nvcc/CUDA_HOME was not found")
-    return found and bool(cuda_sources_of(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+    reason = why_no_cuda()
+    if mode == "1" and reason:
+        raise RuntimeError(f"STA_BUILD_CUDA=1 but the CUDA sources cannot be built: {reason}")
+    return not reason and bool(cuda_sources_of(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
 
 def why_no_cuda() -> str:
-    """Why the CUDA sources are not compiled, or "" when they are (for ``python -m sta.info``)."""
+    """Why the CUDA sources are not compiled, or "" when they can be (also for ``python -m sta.info``)."""
     try:
         if _mode("STA_BUILD_CUDA") == "0":
             return "STA_BUILD_CUDA=0"

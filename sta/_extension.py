@@ -140,7 +140,7 @@ def _load_once() -> bool:
     global _module, _error, _tried, _how
     with _lock:
         if _tried:
-            return _module
+            return True
         module, problem, absent = _load_aot()
         how = "ahead-of-time build (sta._C)"
         if absent:
