@@ -109,7 +109,7 @@ def evaluate(run_dir: str, iw_samples: int = 64, batch_size: int = 64, write: bo
     active_single = ds_single.tensors()["active"]
     names = list(ds.transformations)
     T = x.shape[1] - 1
-    temperature, _ = schedules(config, ckpt["step"])
+    temperature = schedules(config, ckpt["step"]).temperature
 
     sums, n = {}, 0
     for chunk in x.split(batch_size):

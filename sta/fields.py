@@ -101,15 +101,18 @@ class PotentialFields(nn.Module):
         num_fields: K (may be 0).
         hidden: hidden width H.
         time_frequencies: number of sinusoidal frequencies of the time embedding.
+        weight_scale: W is initialised N(0, weight_scale^2 / D), so a unit is at ``weight_scale``
+            standard deviations of tanh's input for standard-normal z (see :func:`_init_weight`).
 
     Parameters: ``W: (K, H, D)``, ``b: (K, H)``, ``a: (K, H)``, ``time: TimeEmbedding``.
     """
 
-    def __init__(self, dim: int, num_fields: int, hidden: int, time_frequencies: int = 8):
+    def __init__(self, dim: int, num_fields: int, hidden: int, time_frequencies: int = 8,
+                 weight_scale: float = 1.0):
         super().__init__()
         _check_sizes(dim=dim, num_fields=num_fields, hidden=hidden)
         self.dim, self.num_fields, self.hidden = dim, num_fields, hidden
-        self.W = nn.Parameter(torch.randn(num_fields, hidden, dim) / math.sqrt(dim))
+        self.W = nn.Parameter(_init_weight(num_fields, hidden, dim, weight_scale))
         self.b = nn.Parameter(torch.randn(num_fields, hidden) * 0.1)
         self.a = nn.Parameter(torch.randn(num_fields, hidden) / math.sqrt(hidden))
         self.time = TimeEmbedding(num_fields, hidden, time_frequencies)
@@ -147,6 +150,8 @@ class RotationalFields(nn.Module):
             (``r_k = tanh(W2_k tanh(W1_k z + b1_k + e_k(t)) + b2_k)``, the authors' choice).
         rank: for "hamiltonian", None gives a dense skew matrix ``A = P - P^T`` with ``P: (K, D, D)``;
             an int R gives ``A = U V^T - V U^T`` with ``U, V: (K, D, R)``.
+        weight_scale: initial scale of the first layer (W of psi, or W1), as in
+            :class:`PotentialFields`.
     """
 
     def __init__(
@@ -157,6 +162,7 @@ class RotationalFields(nn.Module):
         construction: str = "hamiltonian",
         rank: Optional[int] = None,
         time_frequencies: int = 8,
+        weight_scale: float = 1.0,
     ):
         super().__init__()
         _check_sizes(dim=dim, num_fields=num_fields, hidden=hidden)
@@ -168,7 +174,7 @@ class RotationalFields(nn.Module):
         self.construction, self.rank = construction, rank
         self.time = TimeEmbedding(num_fields, hidden, time_frequencies)
         if construction == "hamiltonian":
-            self.W = nn.Parameter(torch.randn(num_fields, hidden, dim) / math.sqrt(dim))
+            self.W = nn.Parameter(_init_weight(num_fields, hidden, dim, weight_scale))
             self.b = nn.Parameter(torch.randn(num_fields, hidden) * 0.1)
             self.a = nn.Parameter(torch.randn(num_fields, hidden) / math.sqrt(hidden))
             if rank is None:
@@ -177,7 +183,7 @@ class RotationalFields(nn.Module):
                 self.U = nn.Parameter(torch.randn(num_fields, dim, rank) / math.sqrt(dim))
                 self.V = nn.Parameter(torch.randn(num_fields, dim, rank) / math.sqrt(dim))
         else:
-            self.W1 = nn.Parameter(torch.randn(num_fields, hidden, dim) / math.sqrt(dim))
+            self.W1 = nn.Parameter(_init_weight(num_fields, hidden, dim, weight_scale))
             self.b1 = nn.Parameter(torch.randn(num_fields, hidden) * 0.1)
             self.W2 = nn.Parameter(torch.randn(num_fields, dim, hidden) / math.sqrt(hidden))
             self.b2 = nn.Parameter(torch.zeros(num_fields, dim))
@@ -233,6 +239,8 @@ class FieldBank(nn.Module):
         hidden: hidden width H of every field.
         rotational: ``"hamiltonian"`` (exactly divergence-free, default) or ``"mlp"``.
         rank: low-rank skew matrices for "hamiltonian" (None = dense).
+        weight_scale: initial scale of every field's first layer (see :class:`PotentialFields`);
+            below 1 the fields start close to constant directions.
 
     Example::
 
@@ -248,11 +256,12 @@ class FieldBank(nn.Module):
         hidden: int,
         rotational: str = "hamiltonian",
         rank: Optional[int] = None,
+        weight_scale: float = 1.0,
     ):
         super().__init__()
         self.dim, self.hidden = dim, hidden
-        self.potential = PotentialFields(dim, num_potential, hidden)
-        self.rotational = RotationalFields(dim, num_rotational, hidden, rotational, rank)
+        self.potential = PotentialFields(dim, num_potential, hidden, weight_scale=weight_scale)
+        self.rotational = RotationalFields(dim, num_rotational, hidden, rotational, rank, weight_scale=weight_scale)
 
     @property
     def num_potential(self) -> int:
@@ -268,6 +277,19 @@ class FieldBank(nn.Module):
 
     def extra_repr(self) -> str:
         return f"dim={self.dim}, num_potential={self.num_potential}, num_rotational={self.num_rotational}"
+
+
+def _init_weight(num_fields: int, hidden: int, dim: int, scale: float) -> Tensor:
+    """First-layer weights ``(K, H, D)`` ~ N(0, scale^2 / D).
+
+    scale 1 puts tanh's inputs at one standard deviation for standard-normal z, so a field's
+    direction changes across the latent space from the start; a small scale keeps tanh near its
+    linear range, so each field starts as a near-constant direction plus a little curvature (the
+    output scale is calibrated afterwards, so the step size does not depend on it).
+    """
+    if not (isinstance(scale, (int, float)) and not isinstance(scale, bool) and math.isfinite(scale) and scale > 0):
+        raise ValueError(f"weight_scale: expected a positive finite float, got {scale!r}")
+    return torch.randn(num_fields, hidden, dim) * (scale / math.sqrt(dim))
 
 
 def _check_sizes(**sizes: int) -> None:

@@ -6,14 +6,36 @@ import sta
 from sta.fields import INIT_STEP_RATIO
 
 
+@pytest.mark.parametrize("weight_scale", [1.0, 0.1])
 @pytest.mark.parametrize("D,H,rotational", [(3, 5, "mlp"), (16, 32, "hamiltonian"), (64, 64, "mlp"), (17, 8, "hamiltonian")])
-def test_unit_coefficient_moves_standard_normal_z_by_a_tenth(D, H, rotational):
-    bank = sta.FieldBank(D, 3, 3, H, rotational=rotational)
+def test_unit_coefficient_moves_standard_normal_z_by_a_tenth(D, H, rotational, weight_scale):
+    bank = sta.FieldBank(D, 3, 3, H, rotational=rotational, weight_scale=weight_scale)
     z = torch.randn(2000, D)
     with torch.no_grad():
         for v in (bank.potential.velocity(z, 0.0), bank.rotational.velocity(z, 0.0)):
             ratio = (v.norm(dim=-1) / z.norm(dim=-1, keepdim=True)).mean(0)
             assert torch.allclose(ratio, torch.full_like(ratio, INIT_STEP_RATIO), rtol=0.1), ratio
+
+
+def test_small_weight_scale_starts_fields_as_near_constant_directions():
+    """weight_scale sets the first layer's spread (W ~ N(0, scale^2 / D)); at 0.1 the fields barely
+    turn across standard-normal z (mean cosine to the mean direction > 0.98), at 1 they do (< 0.9)."""
+    z = torch.randn(2000, 16, generator=torch.Generator().manual_seed(0))
+
+    def mean_cosine(v):  # v: (N, K, D) -> mean over fields of the mean cosine to the mean direction
+        mean = v.mean(0, keepdim=True)
+        return torch.nn.functional.cosine_similarity(v, mean.expand_as(v), dim=-1).mean().item()
+
+    cos = {}
+    for scale in (1.0, 0.1):
+        torch.manual_seed(0)
+        bank = sta.FieldBank(16, 3, 3, 32, weight_scale=scale)
+        for part in ("potential", "rotational"):
+            W = getattr(bank, part).W
+            assert abs(W.std().item() * 16 ** 0.5 / scale - 1.0) < 0.1, (part, scale, W.std().item())
+        with torch.no_grad():
+            cos[scale] = [mean_cosine(bank.potential.velocity(z, 0.0)), mean_cosine(bank.rotational.velocity(z, 0.0))]
+    assert min(cos[0.1]) > 0.98 and max(cos[1.0]) < 0.9, cos
 
 
 def test_init_is_reproducible_under_a_seed():
@@ -59,6 +81,8 @@ def test_time_embedding_derivative_matches_autograd():
         (dict(rotational="curl"), "rotational"),
         (dict(rank=0), "rank"),
         (dict(rotational="mlp", rank=2), "rank"),
+        (dict(weight_scale=0.0), "weight_scale"),
+        (dict(weight_scale=float("nan")), "weight_scale"),
     ],
 )
 def test_bad_construction_names_the_argument(kwargs, argument):

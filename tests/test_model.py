@@ -72,6 +72,22 @@ def test_elbo_finite_terms_and_gradient_reaches_every_parameter(model, rotationa
         assert p.grad.abs().sum() > 0, f"{name}: gradient is identically zero"
 
 
+def test_kl_weight_scales_only_the_kl_terms_of_the_loss():
+    """KL warm-up: loss = recon + w * (kl_z0 + kl_path + kl_spike + kl_slab) + hj + div; nelbo and
+    every reported term are the unweighted ones (same noise, so the same sample for both w)."""
+    config = tiny_config()
+    net = STAModel(config)
+    x = tiny_batch(config)
+    full = net.elbo(x, temperature=0.5, generator=torch.Generator().manual_seed(3))
+    warm = net.elbo(x, temperature=0.5, generator=torch.Generator().manual_seed(3), kl_weight=0.25)
+    for name in ("recon", "kl_z0", "kl_path", "kl_spike", "kl_slab", "hj", "div", "nelbo"):
+        assert torch.equal(getattr(full, name), getattr(warm, name)), name
+    kl = warm.kl_z0 + warm.kl_path + warm.kl_spike + warm.kl_slab
+    assert kl > 1.0  # otherwise the check below could not tell the weights apart
+    assert torch.allclose(warm.loss, warm.recon + 0.25 * kl + warm.hj + warm.div)
+    assert torch.allclose(full.loss, full.nelbo + full.hj + full.div)
+
+
 def test_structure_of_each_model():
     """Which parameters each model owns: double control doubles the coefficients of sta/dense only."""
     for model in MODELS:
@@ -116,6 +132,10 @@ def test_elbo_rejects_wrong_shapes():
         tiny_config(model="transformer")
     with pytest.raises(ValueError, match=r"latent: expected a positive int"):
         tiny_config(latent=0)
+    with pytest.raises(ValueError, match=r"field_weight_scale: expected > 0"):
+        tiny_config(field_weight_scale=0.0)
+    assert STAModel(tiny_config(field_weight_scale=0.5)).fields.potential.W.std() > \
+        3 * STAModel(tiny_config(field_weight_scale=0.1)).fields.potential.W.std()  # the option reaches the fields
 
 
 def test_linear_model_translates_and_static_model_stands_still():

@@ -19,7 +19,7 @@ import torch
 import sta.ops
 from sta.backends import all_backends
 from sta.train import (ConfigError, apply_overrides, batch_indices, checkpoint_path, load_run, preset,
-                       save_atomic, train)
+                       save_atomic, schedules, train)
 from tests.tolerances import TRAINING, assert_close
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -245,6 +245,24 @@ def test_resume_drops_a_metrics_line_cut_short_by_the_kill(tmp_path):
         f.write('{"step": 11, "time": 0.5, "lo')  # SIGKILL in the middle of a write
     train(tiny(steps=12), run_dir, resume=True, progress=False)
     assert [m["step"] for m in read_metrics(run_dir)] == list(range(1, 13))
+
+
+def test_schedules_kl_warmup_temperature_and_slab():
+    config = tiny(steps=100, kl_warmup=0.2, slab_start=0.5)
+    at = {step: schedules(config, step) for step in (0, 10, 19, 20, 49, 50, 99)}
+    assert [at[s].kl_weight for s in (0, 10, 19, 20, 99)] == [0.0, 0.5, 0.95, 1.0, 1.0]
+    assert [at[s].slab for s in (0, 49, 50, 99)] == [False, False, True, True]
+    temperatures = [at[s].temperature for s in sorted(at)]
+    assert temperatures == sorted(temperatures, reverse=True) and temperatures[0] > temperatures[-1]
+    assert schedules(tiny(steps=100, kl_warmup=0.0), 0).kl_weight == 1.0  # off
+    with pytest.raises(ConfigError, match=r"kl_warmup: expected a fraction in \[0, 1\], got 1.5"):
+        tiny(kl_warmup=1.5).validate()
+
+
+def test_kl_warmup_is_logged_and_reaches_one(tmp_path):
+    train(tiny(steps=10, kl_warmup=0.5), str(tmp_path), progress=False)
+    weights = [m["kl_weight"] for m in read_metrics(str(tmp_path))]
+    assert weights == [min(1.0, s / 5) for s in range(10)]
 
 
 def test_bad_resume_and_config_errors(tmp_path):
