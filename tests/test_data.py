@@ -12,7 +12,7 @@ from sta.data import DATASETS, apply_transformations, make_dataset, render, sour
 from sta.data import digits as digits_module
 from sta.data import shapes as shapes_module
 
-SMALL = dict(digits=28, shapes=32, sprites=32)
+SMALL = dict(digits=28, shapes=32, sprites=32, mnist=28)
 
 
 def _make(name, **kw):
@@ -149,7 +149,7 @@ def test_uint8_storage():
 
 def test_bad_arguments():
     with pytest.raises(ValueError, match="unknown dataset"):
-        make_dataset("mnist")
+        make_dataset("emnist")
     with pytest.raises(ValueError, match="split"):
         make_dataset("digits", split="val")
     with pytest.raises(ValueError, match="image_size"):

@@ -13,6 +13,7 @@ digits   scale x1.1, rotation 20 deg, hue 20 deg                3     28
 shapes   floor/wall/object hue 30 deg, scale x1.1, orient. 20   3     64
 sprites  translation x/y 0.1 (of the half-frame), rotation      1     64
          20 deg, scale x1.1
+mnist    as digits; real MNIST (extra sta[mnist])               3     28
 ======== ====================================================== ===== =============
 
 Which transformations act at each step, and how fast, follow the spike-and-slab Markov prior
@@ -28,8 +29,9 @@ import torch
 from torch import Tensor
 
 from ..priors import SpikeSlabPrior
-from . import base, digits, shapes, sprites
+from . import base, digits, mnist, shapes, sprites
 from .base import SPLITS, DatasetSpec, SequenceDataset, source_split
+from .mnist import MissingExtraError
 
 __all__ = [
     "DATASETS",
@@ -37,13 +39,14 @@ __all__ = [
     "SPLITS",
     "SequenceDataset",
     "DatasetSpec",
+    "MissingExtraError",
     "make_dataset",
     "apply_transformations",
     "render",
     "source_split",
 ]
 
-SPECS = {spec.name: spec for spec in (digits.SPEC, shapes.SPEC, sprites.SPEC)}
+SPECS = {spec.name: spec for spec in (digits.SPEC, shapes.SPEC, sprites.SPEC, mnist.SPEC)}
 DATASETS = tuple(SPECS)
 
 _STORAGE = {"float32": torch.float32, "uint8": torch.uint8}
@@ -75,7 +78,7 @@ def make_dataset(
             indices, the same for every seed) and independent random streams.
         num_sequences: N; sources are drawn uniformly, with replacement, from the split.
         T: transitions per sequence (frames: T + 1).
-        image_size: frame side (default: the dataset's, 28 for digits and 64 otherwise).
+        image_size: frame side (default: the dataset's, 28 for digits and mnist, 64 otherwise).
         seed: the same arguments give the same tensors, bit for bit.
         prior: the spike-and-slab process of the ground truth (default ``SpikeSlabPrior()``).
         single: exactly one transformation per step (:meth:`SpikeSlabPrior.sample_single`), for
