@@ -184,7 +184,7 @@ def float64_reference(case: Case) -> dict:
 
 
 # ----------------------------------------------------------------------------------------------
-# the dense fields, as a PyTorch user writes them (field definitions of SPEC 1.1 / 1.2; every
+# the dense fields, as a PyTorch user writes them (field definitions of docs/maths.md 1.1 / 1.2; every
 # derivative below comes from autograd / torch.func, not from sta.reference's closed forms)
 # ----------------------------------------------------------------------------------------------
 

@@ -1,4 +1,4 @@
-"""Compare the four models of SPEC 7 (sta, static, linear, dense) on one dataset, over several seeds.
+"""Compare the four models of docs/maths.md 6 (sta, static, linear, dense) on one dataset, over several seeds.
 
 Trains each model with the same preset for every seed, evaluates it (sta.evaluate) and writes one
 row per (model, seed), with the machine, versions, git sha and run times, to

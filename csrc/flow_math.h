@@ -1,4 +1,4 @@
-// flow_math.h -- the per-pair elementwise maths of the fused sparse flow step (SPEC 1-2), written
+// flow_math.h -- the per-pair elementwise maths of the fused sparse flow step (docs/maths.md 1-2), written
 // once for the C++ CPU backend (csrc/cpu) and the CUDA backend (csrc/cuda).
 //
 // Plain C++ / CUDA: no torch headers. Indices are int64. Every function is STA_HOST_DEVICE.
@@ -150,7 +150,7 @@ STA_HOST_DEVICE STA_INLINE void row_dot_body(int64_t p, const RowDotArgs<scalar_
 }
 
 // =============================================================================================
-// Potential fields (SPEC 1.1)
+// Potential fields (docs/maths.md 1.1)
 // =============================================================================================
 
 /// Forward epilogue of one pair, before the velocity product V = Q W_k.
@@ -329,7 +329,7 @@ STA_HOST_DEVICE STA_INLINE void potential_bwd_body(int64_t p, const PotentialBwd
 }
 
 // =============================================================================================
-// Hamiltonian rotational fields (SPEC 1.2, 1.3): r = M_k (a s1), M_k = A_k W_k^T: (D, H)
+// Hamiltonian rotational fields (docs/maths.md 1.2, 1.3): r = M_k (a s1), M_k = A_k W_k^T: (D, H)
 // =============================================================================================
 
 /// Forward epilogue of one pair: q = a s1 (written into Q); if Dm: d = a s2 (for the curl).
@@ -411,7 +411,7 @@ STA_HOST_DEVICE STA_INLINE void hamiltonian_bwd_body(int64_t p, const Hamiltonia
 }
 
 // =============================================================================================
-// MLP rotational fields (SPEC 1.2): r = tanh(W2 tanh(W1 x + c1) + b2), exact divergence
+// MLP rotational fields (docs/maths.md 1.2): r = tanh(W2 tanh(W1 x + c1) + b2), exact divergence
 // div = sum_i r1_i [Pm ds1]_i with Pm = W2 o W1^T: (D, H), r1 = 1 - r^2, ds1 = 1 - s^2
 // =============================================================================================
 
@@ -521,7 +521,7 @@ STA_HOST_DEVICE STA_INLINE void mlp_bwd_hidden_body(int64_t p, const MlpBwdHidde
 }  // namespace sta
 
 // ==============================================================================================
-// BEGIN latent grid transport (sta/grid.py, SPEC section 4; owner: grid transport)
+// BEGIN latent grid transport (sta/grid.py, docs/maths.md section 3; owner: grid transport)
 // The per-face and per-cell maths of one finite-volume step, shared by csrc/cpu/grid_transport.cpp
 // (line kernel: face_flux over contiguous rows) and csrc/cuda/grid_transport.cu (transport_cell).
 // The truth is sta/grid.py:transport_reference; the formulas are in sta/grid.py's docstring:

@@ -1,4 +1,4 @@
-"""Triton kernels of the sparse flow step (SPEC section 2): forward and backward, all field kinds.
+"""Triton kernels of the sparse flow step (docs/maths.md section 2): forward and backward, all field kinds.
 
 Mixture-of-experts layout. The active (sample, field) pairs -- ``g[b, k] != 0`` -- are sorted by
 field and each field's list of sample indices is padded to a multiple of ``BLOCK_M`` with -1

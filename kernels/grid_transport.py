@@ -1,4 +1,4 @@
-"""Triton kernel of one finite-volume grid transport step (sta.grid, SPEC section 4).
+"""Triton kernel of one finite-volume grid transport step (sta.grid, docs/maths.md section 3).
 
 The truth is :func:`sta.grid.transport_reference`; the formulas (MUSCL states with a minmod /
 van Leer limiter, upwind flux, zero-flux or periodic boundaries) are in :mod:`sta.grid`'s module

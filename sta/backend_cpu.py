@@ -10,7 +10,7 @@ registers kernels for the same ops and reuses the fakes and autograd registered 
 Per-step matrices that only some outputs need are formed here from the parameters, so autograd
 carries their gradients back to the parameters: the curl matrix ``C = G - N o N^T`` of the
 hamiltonian fields (:func:`sta.reference.hamiltonian_curl_matrices`) and the divergence matrix
-``P = W2 o W1^T`` of the mlp fields. The curl of an mlp field is a diagnostic (SPEC 1.3): it is
+``P = W2 o W1^T`` of the mlp fields. The curl of an mlp field is a diagnostic (docs/maths.md 1.3): it is
 computed by the reference (:func:`sta.reference.mlp_terms`, torch autograd) on the active rows.
 """
 from __future__ import annotations
@@ -178,7 +178,7 @@ class CpuBackend(Backend):
         C = None
         if "curl" in want:
             G, N = reference.hamiltonian_curl_matrices(p)
-            C = G - N * N.transpose(1, 2)  # curl = d^T C d (SPEC 1.3)
+            C = G - N * N.transpose(1, 2)  # curl = d^T C d (docs/maths.md 1.3)
         velocity, curl = torch.ops.sta.hamiltonian_fwd(z, g, p.W, p.c, p.a, p.M, C)
         extra = _pair_zeros(z, K, want, ("hj", "u", "div_rot"))  # div r = 0 exactly
         return FieldTerms(velocity=velocity, div=z.new_zeros(B) if "div" in want else None,

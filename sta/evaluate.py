@@ -1,8 +1,8 @@
-"""Evaluation of a trained run (SPEC section 7): ``sta evaluate RUN_DIR`` -> RUN_DIR/eval.json.
+"""Evaluation of a trained run (docs/maths.md section 6): ``sta evaluate RUN_DIR`` -> RUN_DIR/eval.json.
 
 Metrics, on the run's test split (sequences the model never saw, split by source image):
 
-* ``nelbo_per_sequence`` / ``nelbo_per_frame``: the negative ELBO of SPEC 5.3 in nats (one
+* ``nelbo_per_sequence`` / ``nelbo_per_frame``: the negative ELBO of docs/maths.md 4.3 in nats (one
   posterior sample per sequence, the final Gumbel-sigmoid temperature, slab on), and each term.
 * ``nll_x0_iw``: minus the importance-weighted bound of log p(x_0) (``iw_samples`` samples).
 * ``equivariance_error``: encode x_0 (posterior mean), infer the coefficients from consecutive

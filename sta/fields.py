@@ -1,4 +1,4 @@
-"""Field modules: the learned vector fields that move latents (SPEC section 1).
+"""Field modules: the learned vector fields that move latents (docs/maths.md section 1).
 
 Every bank stores the parameters of all its K fields stacked along a leading field axis, which is
 the layout every backend consumes (one grouped matrix product per field):

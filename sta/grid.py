@@ -1,4 +1,4 @@
-"""Latent grid transport: the Eulerian view of the flow (SPEC section 4).
+"""Latent grid transport: the Eulerian view of the flow (docs/maths.md section 3).
 
 A density ``rho`` on a regular 2-D (or 3-D) grid over chosen latent coordinates (the others fixed),
 a velocity sampled at the cell faces from the sparse field mix, and a conservative finite-volume

@@ -1,6 +1,6 @@
 """Public functional ops and backend dispatch.
 
-:func:`flow_step` is the fused sparse flow step of SPEC section 2. Inputs are validated once
+:func:`flow_step` is the fused sparse flow step of docs/ops.md section 1. Inputs are validated once
 here; the per-step field parameters are prepared here (time embedding, ``M = A W^T``), so the
 backends only ever see plain tensors (:mod:`sta.reference` documents the contract).
 """
@@ -123,7 +123,7 @@ def flow_step(
     outputs: Iterable[str] = ("z", "div"),
     backend: str = "auto",
 ) -> FlowStepOut:
-    """One fused sparse flow step (SPEC section 2): move z along a sparse mix of fields.
+    """One fused sparse flow step (docs/maths.md section 2): move z along a sparse mix of fields.
 
     Only the active (sample, field) pairs -- those with a non-zero coefficient -- are evaluated.
 

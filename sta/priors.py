@@ -1,4 +1,4 @@
-"""The spike-and-slab Markov prior of STA (SPEC 5.1, 5.3) and its relaxations.
+"""The spike-and-slab Markov prior of STA (docs/maths.md 4.1, 4.3) and its relaxations.
 
 Per sequence of T steps and K fields:
 
@@ -83,7 +83,7 @@ class SpikeSlabPrior:
         interpolate linearly: ``prev * stay + (1 - prev) * (1 - stay)``. ``prev=None`` (t = 0)
         gives the 0-d tensor ``pi0`` (of ``dtype``/``device`` if given), which broadcasts.
 
-        This is the factorised per-field term used in the ELBO's Bernoulli KLs (SPEC 5.3); the
+        This is the factorised per-field term used in the ELBO's Bernoulli KLs (docs/maths.md 4.3); the
         no-all-off rule couples the fields of a step only through a normaliser and is not part of it.
         """
         if prev is None:
@@ -132,7 +132,7 @@ class SpikeSlabPrior:
     ) -> Tensor:
         """Spikes with exactly one active field per step, ``(T, K)`` or ``(batch, T, K)`` float32.
 
-        The single-transformation process used for identification accuracy (SPEC 7): the field of
+        The single-transformation process used for identification accuracy (docs/maths.md 6): the field of
         step 0 is uniform; afterwards the previous field is kept with probability ``stay`` and
         otherwise replaced by one of the other ``K - 1`` fields, uniformly.
         """
@@ -246,7 +246,7 @@ def gumbel_sigmoid(
     return hard_value + (soft - soft.detach())
 
 
-#: Annealing of the Gumbel-sigmoid temperature (the authors' schedule, SPEC 5.2).
+#: Annealing of the Gumbel-sigmoid temperature (the authors' schedule, docs/maths.md 4.2).
 TEMPERATURE_RATE = 3e-5
 TEMPERATURE_MIN = 0.05
 

@@ -1,10 +1,10 @@
-"""The pure-PyTorch reference of every fused op (SPEC sections 1-2). Also the CPU fallback.
+"""The pure-PyTorch reference of every fused op (docs/maths.md sections 1-2). Also the CPU fallback.
 
 The formulas live here once. Every kernel backend reproduces :func:`potential_terms`,
 :func:`hamiltonian_terms` and :func:`mlp_terms` exactly (same inputs, same outputs), and the
 tests compare each backend against them and them against a torch.func oracle in float64.
 
-Notation (SPEC 1.1): for one field and rows ``z: (N, D)``
+Notation (docs/maths.md 1.1): for one field and rows ``z: (N, D)``
 
     h = z W^T + c          c = b + e(t): the time-shifted hidden bias, (H,)
     s = tanh(h),  s1 = 1 - s^2,  s2 = -2 s s1
@@ -144,7 +144,7 @@ def hamiltonian_rows(z: Tensor, W: Tensor, c: Tensor, a: Tensor, M: Tensor,
 
 
 def hamiltonian_curl_matrices(p: HamiltonianParams) -> tuple[Tensor, Tensor]:
-    """Per-step matrices of the curl energy (SPEC 1.3): ``G = (M^T M) o (W W^T)``, ``N = W M``.
+    """Per-step matrices of the curl energy (docs/maths.md 1.3): ``G = (M^T M) o (W W^T)``, ``N = W M``.
 
     Returns G, N: (K, H, H).
     """

@@ -1,4 +1,4 @@
-"""An independent oracle for the field maths: the definitions of SPEC section 1 written directly from
+"""An independent oracle for the field maths: the definitions of docs/maths.md section 1 written directly from
 the module parameters, differentiated by torch.func (jacrev, hessian). Nothing here imports
 sta.reference, so a broken closed form there cannot also break its check.
 """

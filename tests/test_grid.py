@@ -1,4 +1,4 @@
-"""Latent grid transport (sta.grid, SPEC section 4) with the torch reference backend.
+"""Latent grid transport (sta.grid, docs/maths.md section 3) with the torch reference backend.
 
 Conservation, positivity, the CFL check, a divergence-free field keeping a constant density,
 convergence of the grid divergence / curl to the analytic ones, and agreement of the Eulerian
@@ -272,7 +272,7 @@ def test_latent_grid_3d_and_bad_arguments():
 
 
 # ----------------------------------------------------------------------------------------------
-# convergence of the grid divergence and curl to the analytic ones (SPEC section 1)
+# convergence of the grid divergence and curl to the analytic ones (docs/maths.md sections 1, 3)
 # ----------------------------------------------------------------------------------------------
 
 REFINE = (16, 32, 64)
@@ -318,7 +318,7 @@ def test_grid_divergence_converges_to_the_in_plane_divergence_d4():
 
 def test_grid_curl_converges_to_the_analytic_vorticity_d2_hamiltonian():
     """D = 2 hamiltonian field (divergence-free): vorticity dv2/dx1 - dv1/dx2 from the Jacobian, whose
-    square is flow_step's curl energy 0.5 |J - J^T|^2 (SPEC 1.3) times g^2."""
+    square is flow_step's curl energy 0.5 |J - J^T|^2 (docs/maths.md 1.3) times g^2."""
     bank = frozen(sta.FieldBank(dim=2, num_potential=0, num_rotational=1, hidden=8))
     g_rot = 1.7
 

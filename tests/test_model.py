@@ -1,4 +1,4 @@
-"""The STA model and its baselines (sta/model.py): the ELBO of SPEC 5.3 is finite with every term
+"""The STA model and its baselines (sta/model.py): the ELBO of docs/maths.md 4.3 is finite with every term
 reported, its gradient reaches every parameter, and a tiny model overfits one batch.
 
 Sizes are tiny (D=6, H=8, 8-channel convs, 8x8 frames, T=3) so the whole file runs in seconds.
@@ -104,7 +104,7 @@ def test_structure_of_each_model():
 
 
 def test_potential_prior_and_hard_spikes_train_every_parameter():
-    """The other options of SPEC 5.1/5.3: prior flow bank instead of learned diffusion scales, and
+    """The other options of docs/maths.md 4.1/4.3: prior flow bank instead of learned diffusion scales, and
     straight-through hard spikes (every field switched on by sampling in a larger batch)."""
     config = tiny_config(prior="potential", hard=True, pi0=0.5)
     net = STAModel(config)

@@ -5,7 +5,7 @@ the outputs are sums whose individual entries can cancel to near zero:
 
     max |actual - expected| <= rtol * max|expected| + atol_floor
 
-fp32 parity of every backend with the reference is 1e-5 relative (SPEC section 3), forward and
+fp32 parity of every backend with the reference is 1e-5 relative (docs/ops.md section 2), forward and
 backward. The reference matches the float64 torch.func oracle to 1e-10. Low precision follows the
 flash-attention rule: a kernel's error against the float64 reference may be at most
 LOW_PRECISION_FACTOR times that of the PyTorch reference run in the same dtype, plus a floor.

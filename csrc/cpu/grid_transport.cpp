@@ -1,5 +1,5 @@
 // sta::grid_transport -- one conservative finite-volume step of the continuity equation on a
-// regular 2-D / 3-D grid (SPEC section 4). Schema + CPU kernel. The per-face maths is
+// regular 2-D / 3-D grid (docs/maths.md section 3). Schema + CPU kernel. The per-face maths is
 // sta::grid::face_flux in flow_math.h (shared with csrc/cuda/grid_transport.cu); the reference and
 // the validation (shapes, CFL) are in sta/grid.py, which calls this op with checked inputs.
 //

@@ -1,4 +1,4 @@
-// CUDA kernels of the fused sparse flow step (SPEC 2): routing of the active pairs, grouped
+// CUDA kernels of the fused sparse flow step (docs/maths.md 2): routing of the active pairs, grouped
 // products over the per-field pair segments, the elementwise epilogues of csrc/flow_math.h (the
 // same bodies as the CPU backend, in grid-stride loops), and the per-sample combination.
 // The binding (flow_step_binding.cpp) strings them together exactly like csrc/cpu/flow_step.cpp.

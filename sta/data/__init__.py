@@ -1,4 +1,4 @@
-"""Sequence datasets with ground truth (SPEC section 6), generated locally, never downloaded.
+"""Sequence datasets with ground truth (docs/maths.md section 5), generated locally, never downloaded.
 
     >>> from sta.data import make_dataset
     >>> ds = make_dataset("digits", split="train", num_sequences=1000, T=8)
@@ -82,7 +82,7 @@ def make_dataset(
         seed: the same arguments give the same tensors, bit for bit.
         prior: the spike-and-slab process of the ground truth (default ``SpikeSlabPrior()``).
         single: exactly one transformation per step (:meth:`SpikeSlabPrior.sample_single`), for
-            identification accuracy (SPEC 7).
+            identification accuracy (docs/maths.md 6).
         cache_dir: if given, the tensors are cached there (written atomically) and reloaded.
         storage: 'float32', or 'uint8' to keep frames quantised to 1/255 (4x less memory); items
             and :meth:`SequenceDataset.tensors` are float32 either way.

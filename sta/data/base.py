@@ -9,7 +9,7 @@ coordinates), so one step is
 
 and the cumulative state of frame t is ``state_0 + cumsum``. Every frame is rendered from its source
 and its cumulative state (never from the previous frame), so interpolation blur does not compound.
-``active`` and ``speed`` come from :class:`sta.priors.SpikeSlabPrior` (SPEC 5.1, 6).
+``active`` and ``speed`` come from :class:`sta.priors.SpikeSlabPrior` (docs/maths.md 4.1, 5).
 """
 from __future__ import annotations
 
