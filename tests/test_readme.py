@@ -8,16 +8,23 @@
   package's command line (and its training configuration, ``--set`` overrides included, must
   validate), ``torchrun ...`` with torch's own launcher parser, ``pip install -e ".[extras]"``
   against the extras declared in setup.py.
+* Commands quoted inline in the text (`python ...`, `bash ...`, `pip ...`) get the same checks;
+  ``python benchmarks/X.py ARGS`` must parse with that script's own parser (nothing runs), and a
+  ``bash`` script must pass ``bash -n``.
 * The README and docs/ name only files that exist in the repository, link only to headings that
   exist, and cite no document outside it.
 """
+import argparse
 import ast
 import contextlib
 import functools
+import importlib.util
 import io
 import pathlib
 import re
 import shlex
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -163,8 +170,57 @@ def _check_command(argv, monkeypatch):
                 assert spec in ("-e", "--no-build-isolation", "."), f"unchecked pip argument {spec!r}"
     elif argv[:3] == ["python", "-m", "pytest"]:
         assert all((ROOT / a).exists() for a in args[2:] if not a.startswith("-")), argv
+    elif program == "python" and args[:1] == ["-m"]:
+        assert importlib.util.find_spec(args[1]) is not None, f"{argv}: no module {args[1]}"
+        if args[1] == "sta" and args[2:] != ["..."]:  # "python -m sta ..." stands for any command
+            _check_sta(args[2:], monkeypatch)
+    elif program == "python" and args[0].endswith(".py"):
+        _check_script(args[0], args[1:], monkeypatch)
+    elif program == "bash":
+        assert (ROOT / args[0]).is_file(), f"{argv}: no script {args[0]}"
+        subprocess.run(["bash", "-n", str(ROOT / args[0])], check=True)  # syntax only
     else:
         raise AssertionError(f"README command {argv} is not checked by tests/test_readme.py; add a check")
+
+
+class _Parsed(Exception):
+    """Raised instead of running a benchmark once its command line has parsed."""
+
+
+def _check_script(script: str, argv, monkeypatch):
+    """Parse ``python script argv`` with the script's own parser (its main(argv)); run nothing."""
+    path = ROOT / script
+    assert path.is_file(), f"no script {script}"
+    spec = importlib.util.spec_from_file_location(f"readme_{path.stem}", path)
+    module = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, spec.name, module)  # dataclasses look their module up
+    monkeypatch.setattr(sys, "path", [str(path.parent)] + sys.path)  # as when run as a script
+    spec.loader.exec_module(module)
+    parse = argparse.ArgumentParser.parse_args
+
+    def parse_then_stop(self, args=None, namespace=None):
+        raise _Parsed(parse(self, args, namespace))
+
+    monkeypatch.setattr(argparse.ArgumentParser, "parse_args", parse_then_stop)
+    try:
+        with pytest.raises(_Parsed):
+            module.main(list(argv))
+    except SystemExit as exit_:
+        raise AssertionError(f"`python {script} {' '.join(argv)}` does not parse (exit {exit_.code})") from None
+
+
+def _inline_commands():
+    """Commands quoted inline in the README's text (`python ...`, `bash ...`, `pip ...`)."""
+    text = re.sub(r"^```.*?^```", "", README.read_text(encoding="utf-8"), flags=re.S | re.M)
+    return [shlex.split(c) for c in re.findall(r"`((?:python|bash|pip) [^`]*)`", text)]
+
+
+INLINE_COMMANDS = _inline_commands()
+
+
+@pytest.mark.parametrize("argv", INLINE_COMMANDS, ids=[" ".join(a)[:60] for a in INLINE_COMMANDS])
+def test_inline_command_is_valid(argv, monkeypatch):
+    _check_command(argv, monkeypatch)
 
 
 def test_bash_blocks_hold_the_commands_a_user_types():
@@ -190,6 +246,10 @@ def test_command_check_rejects_a_bad_command(monkeypatch):
         _check_command(["sta", "train", "--set", "model.no_such_key=1"], monkeypatch)
     with pytest.raises(AssertionError, match="extras"):
         _check_command(["pip", "install", "-e", ".[test,no_such_extra]"], monkeypatch)
+    with pytest.raises(AssertionError, match="does not parse"):
+        _check_command(["python", "benchmarks/bench_flow_step.py", "--device", "tpu"], monkeypatch)
+    with pytest.raises(AssertionError, match="no module"):
+        _check_command(["python", "-m", "sta.no_such_module"], monkeypatch)
 
 
 # ----------------------------------------------------------------------------------------------
