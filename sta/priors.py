@@ -31,6 +31,7 @@ __all__ = [
     "bernoulli_kl",
     "laplace_kl",
     "laplace_rsample",
+    "gaussian_laplace_cross_entropy",
     "gumbel_sigmoid",
     "temperature_schedule",
 ]
@@ -222,6 +223,22 @@ def laplace_rsample(m: Tensor, b: Tensor, generator: Optional[torch.Generator] =
     eps = torch.finfo(m.dtype).eps
     u = torch.rand(m.shape, generator=generator, dtype=m.dtype, device=m.device) * (2.0 - eps) - (1.0 - eps)
     return m - b * torch.sign(u) * torch.log1p(-u.abs())
+
+
+def gaussian_laplace_cross_entropy(mean: Tensor, logvar: Tensor, scale: float) -> Tensor:
+    """``E_{u ~ N(mean, exp(logvar))}[-log Laplace(u; 0, scale)]`` elementwise, in closed form:
+
+        log(2 scale) + E|u| / scale,   E|u| = s sqrt(2/pi) exp(-mean^2 / (2 s^2)) + mean erf(mean / (s sqrt 2))
+
+    (``E|u|`` is the mean of the folded normal, ``s = exp(logvar / 2)``). The slowvae transition
+    term (Klindt et al. 2021, written with the rate ``1 / scale``). Differentiable in mean, logvar.
+    """
+    if not (scale > 0 and math.isfinite(scale)):
+        raise ValueError(f"scale must be finite and > 0, got {scale}")
+    s = torch.exp(0.5 * logvar)
+    r = mean / s
+    abs_mean = s * math.sqrt(2 / math.pi) * torch.exp(-0.5 * r * r) + mean * torch.erf(r / math.sqrt(2))
+    return math.log(2 * scale) + abs_mean / scale
 
 
 def gumbel_sigmoid(
