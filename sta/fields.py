@@ -12,9 +12,13 @@ Each bank owns a :class:`TimeEmbedding` that turns the scalar time t into the pe
 bias shift ``e(t): (K, H)`` and its time derivative ``de/dt: (K, H)``; it is evaluated once per
 step, never per sample.
 
-``prepare(t)`` returns the per-step parameter tuple a backend consumes (see
+``prepare(t, active)`` returns the per-step parameter tuple a backend consumes (see
 :mod:`sta.reference`). It is differentiable in t and in every parameter, so autograd carries the
-backends' gradients back to the modules.
+backends' gradients back to the modules. ``active: (K,) bool`` marks the fields with at least one
+active pair in the step; the parameters of the other fields are replaced by zeros before any
+per-step product (``M = A W^T``, ``e(t)``), so whatever they hold (NaN, Inf) no backend sees it and
+their gradients, and the gradient of t, are exactly zero (the non-finite policy of
+:func:`sta.flow_step`).
 """
 from __future__ import annotations
 
@@ -44,6 +48,17 @@ INIT_STEP_RATIO = 0.1
 _CALIBRATION_PROBES = 256
 
 
+def gate(param: Tensor, active: Optional[Tensor]) -> Tensor:
+    """``param: (K, ...)`` with the slices of fields that are not ``active: (K,) bool`` set to 0.
+
+    ``torch.where``, not a product: ``0 * NaN`` is NaN, and the backward of ``where`` sends an
+    exact zero to the unselected slices. ``active=None`` returns ``param`` itself.
+    """
+    if active is None:
+        return param
+    return torch.where(active.reshape((-1,) + (1,) * (param.dim() - 1)), param, param.new_zeros(()))
+
+
 def as_time_tensor(t: Union[float, int, Tensor], like: Tensor) -> Tensor:
     """The step time as a 0-dim tensor of ``like``'s dtype and device (keeps autograd history)."""
     if isinstance(t, Tensor):
@@ -67,13 +82,14 @@ class TimeEmbedding(nn.Module):
         features = 2 * num_frequencies
         self.weight = nn.Parameter(torch.randn(num_fields, hidden, features) * (0.1 / math.sqrt(features)))
 
-    def forward(self, t: Tensor) -> tuple[Tensor, Tensor]:
-        """t: 0-dim tensor -> (e: (K, H), de_dt: (K, H))."""
+    def forward(self, t: Tensor, active: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
+        """t: 0-dim tensor -> (e: (K, H), de_dt: (K, H)); fields not ``active: (K,) bool`` get zeros."""
         wt = self.frequencies.to(t.dtype) * t
         phi = torch.cat([torch.sin(wt), torch.cos(wt)])
         dphi = torch.cat([torch.cos(wt), -torch.sin(wt)]) * torch.cat([self.frequencies, self.frequencies]).to(t.dtype)
-        e = torch.einsum("khf,f->kh", self.weight, phi)
-        de = torch.einsum("khf,f->kh", self.weight, dphi)
+        weight = gate(self.weight, active)  # before the product: 0 * NaN in the t-gradient is NaN
+        e = torch.einsum("khf,f->kh", weight, phi)
+        de = torch.einsum("khf,f->kh", weight, dphi)
         return e, de
 
 
@@ -122,10 +138,13 @@ class PotentialFields(nn.Module):
     def _scale_output(self, factor: Tensor) -> None:
         self.a.mul_(factor[:, None])
 
-    def prepare(self, t: Union[float, Tensor]) -> PotentialParams:
-        """Per-step parameters: ``PotentialParams(W: (K,H,D), c = b + e(t): (K,H), a: (K,H), de: (K,H))``."""
-        e, de = self.time(as_time_tensor(t, self.W))
-        return PotentialParams(self.W, self.b + e, self.a, de)
+    def prepare(self, t: Union[float, Tensor], active: Optional[Tensor] = None) -> PotentialParams:
+        """Per-step parameters: ``PotentialParams(W: (K,H,D), c = b + e(t): (K,H), a: (K,H), de: (K,H))``.
+
+        ``active: (K,) bool`` (or None: every field): the other fields' parameters become zeros.
+        """
+        e, de = self.time(as_time_tensor(t, self.W), active)
+        return PotentialParams(gate(self.W, active), gate(self.b, active) + e, gate(self.a, active), de)
 
     def potential(self, z: Tensor, t: Union[float, Tensor]) -> Tensor:
         """Plain evaluation of every field: ``z: (B, D) -> u: (B, K)``."""
@@ -168,7 +187,8 @@ class RotationalFields(nn.Module):
         _check_sizes(dim=dim, num_fields=num_fields, hidden=hidden)
         if construction not in ROTATIONAL_CONSTRUCTIONS:
             raise ValueError(f"rotational: expected one of {ROTATIONAL_CONSTRUCTIONS}, got {construction!r}")
-        if rank is not None and (construction != "hamiltonian" or not isinstance(rank, int) or rank < 1):
+        if rank is not None and (construction != "hamiltonian" or not isinstance(rank, int) or isinstance(rank, bool)
+                                 or rank < 1):
             raise ValueError(f"rank: expected None or a positive int with construction='hamiltonian', got {rank!r}")
         self.dim, self.num_fields, self.hidden = dim, num_fields, hidden
         self.construction, self.rank = construction, rank
@@ -197,23 +217,30 @@ class RotationalFields(nn.Module):
             self.W2.mul_(factor[:, None, None])
             self.b2.mul_(factor[:, None])
 
-    def skew(self) -> Tensor:
-        """The skew-symmetric matrices ``A: (K, D, D)`` of the hamiltonian construction."""
+    def skew(self, active: Optional[Tensor] = None) -> Tensor:
+        """The skew-symmetric matrices ``A: (K, D, D)`` of the hamiltonian construction
+        (zero for the fields not ``active: (K,) bool``, when given)."""
         if self.construction != "hamiltonian":
             raise ValueError("skew(): only the 'hamiltonian' construction has a skew matrix")
         if self.rank is None:
-            return self.P - self.P.transpose(1, 2)
-        uv = self.U @ self.V.transpose(1, 2)
+            P = gate(self.P, active)
+            return P - P.transpose(1, 2)
+        uv = gate(self.U, active) @ gate(self.V, active).transpose(1, 2)
         return uv - uv.transpose(1, 2)
 
-    def prepare(self, t: Union[float, Tensor]) -> Union[HamiltonianParams, MLPParams]:
-        """Per-step parameters (see :class:`sta.reference.HamiltonianParams` / ``MLPParams``)."""
+    def prepare(self, t: Union[float, Tensor], active: Optional[Tensor] = None) -> Union[HamiltonianParams, MLPParams]:
+        """Per-step parameters (see :class:`sta.reference.HamiltonianParams` / ``MLPParams``).
+
+        ``active: (K,) bool`` (or None: every field): the other fields' parameters become zeros.
+        """
         ref = self.time.weight
-        e, _ = self.time(as_time_tensor(t, ref))
+        e, _ = self.time(as_time_tensor(t, ref), active)
         if self.construction == "hamiltonian":
-            M = self.skew() @ self.W.transpose(1, 2)  # (K, D, H): r_k = M_k (a_k * s')
-            return HamiltonianParams(self.W, self.b + e, self.a, M)
-        return MLPParams(self.W1, self.b1 + e, self.W2, self.b2)
+            W = gate(self.W, active)
+            M = self.skew(active) @ W.transpose(1, 2)  # (K, D, H): r_k = M_k (a_k * s')
+            return HamiltonianParams(W, gate(self.b, active) + e, gate(self.a, active), M)
+        return MLPParams(gate(self.W1, active), gate(self.b1, active) + e, gate(self.W2, active),
+                         gate(self.b2, active))
 
     def velocity(self, z: Tensor, t: Union[float, Tensor]) -> Tensor:
         """Plain evaluation of every field: ``z: (B, D) -> r: (B, K, D)``."""
@@ -259,6 +286,8 @@ class FieldBank(nn.Module):
         weight_scale: float = 1.0,
     ):
         super().__init__()
+        # checked here so the error names FieldBank's own arguments, not the banks' num_fields
+        _check_sizes(dim=dim, num_potential=num_potential, num_rotational=num_rotational, hidden=hidden)
         self.dim, self.hidden = dim, hidden
         self.potential = PotentialFields(dim, num_potential, hidden, weight_scale=weight_scale)
         self.rotational = RotationalFields(dim, num_rotational, hidden, rotational, rank, weight_scale=weight_scale)
@@ -293,7 +322,8 @@ def _init_weight(num_fields: int, hidden: int, dim: int, scale: float) -> Tensor
 
 
 def _check_sizes(**sizes: int) -> None:
+    """Each size an int: the numbers of fields (``num_*``) >= 0, dim and hidden >= 1."""
     for name, value in sizes.items():
-        minimum = 0 if name == "num_fields" else 1
+        minimum = 0 if name.startswith("num_") else 1
         if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
             raise ValueError(f"{name}: expected an int >= {minimum}, got {value!r}")

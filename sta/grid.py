@@ -73,6 +73,7 @@ __all__ = [
     "LIMITERS",
     "BOUNDARIES",
     "FACE_BOUND",
+    "MAX_SUBSTEPS",
 ]
 
 #: Limiter name -> the integer code the compiled kernels take.
@@ -82,6 +83,9 @@ FACE_BOUND = {"upwind": 1.0, "minmod": 1.5, "van_leer": 2.0}
 BOUNDARIES = ("zero_flux", "periodic")
 #: transport_for's target CFL number: a margin below the positivity bound of 1.
 SUBSTEP_CFL = 0.9
+#: transport_for refuses a run that needs more sub-steps than this (a 64 x 64 step takes ~0.1 ms
+#: on the cpu backend, so this is minutes of work, and far more means a velocity is wrong).
+MAX_SUBSTEPS = 1_000_000
 
 
 # ----------------------------------------------------------------------------------------------
@@ -119,33 +123,71 @@ class LatentGrid(NamedTuple):
     div: Tensor
 
 
+def _as_real_tensor(name: str, value, like: Tensor, expected: str) -> Tensor:
+    """``value`` (a tensor, a sequence or array of numbers) as a real tensor on ``like``'s dtype and
+    device (keeps autograd history); a TypeError naming ``name`` for anything else (None, a
+    string, ragged lists, bool or complex values)."""
+    tensor = value
+    if not isinstance(value, Tensor):
+        try:
+            tensor = None if isinstance(value, (str, bytes)) else torch.as_tensor(value)
+        except (TypeError, ValueError, RuntimeError, OverflowError):
+            tensor = None
+    if tensor is None or tensor.dtype == torch.bool or tensor.is_complex():
+        got = f"{_dtype_name(tensor.dtype)} tensor" if tensor is not None else f"{type(value).__name__} {value!r:.60}"
+        raise TypeError(f"{name}: expected {expected} (a real tensor or a sequence of numbers), got {got}")
+    return tensor.to(dtype=like.dtype, device=like.device)
+
+
 def _coefficients(name: str, g, K: int, B: int, like: Tensor) -> Optional[Tensor]:
-    """One coefficient vector (K,) (or a float for every field) broadcast to (B, K)."""
-    if K == 0 or g is None:
-        if g is not None and K == 0 and isinstance(g, Tensor) and g.numel():
-            raise ValueError(f"{name}: the field bank has no such fields, got shape {tuple(g.shape)}")
+    """Coefficients for every point: None, a number (every field), or (K,) (tensor or sequence)
+    -> (B, K), or None when there is nothing to apply. Non-finite values propagate (flow_step)."""
+    if g is None:
         return None
     if isinstance(g, numbers.Real) and not isinstance(g, bool):
-        return like.new_full((B, K), float(g))
-    if not isinstance(g, Tensor) or g.shape not in ((K,), (1, K)):
-        got = tuple(g.shape) if isinstance(g, Tensor) else type(g).__name__
-        raise ValueError(f"{name}: expected a float or a tensor of shape (K,) = ({K},), got {got}")
-    return g.to(dtype=like.dtype, device=like.device).reshape(1, K).expand(B, K)
+        try:
+            value = float(g)
+        except OverflowError:  # an int beyond the float range
+            raise ValueError(f"{name}: expected a float, got an int beyond the float range") from None
+        return like.new_full((B, K), value) if K else None
+    vec = _as_real_tensor(name, g, like, f"a float or (K,) = ({K},) coefficients, one per field")
+    if tuple(vec.shape) not in ((K,), (1, K)):
+        raise ValueError(f"{name}: expected a float or shape (K,) = ({K},) (one coefficient per field), "
+                         f"got shape {tuple(vec.shape)}")
+    return vec.reshape(1, K).expand(B, K) if K else None
+
+
+def _int_tuple(name: str, value, expected: str) -> tuple:
+    """``value`` as a tuple of Python ints, or an error naming ``name``."""
+    try:
+        items = tuple(value)
+    except TypeError:
+        raise TypeError(f"{name}: expected {expected}, got {type(value).__name__} {value!r:.60}") from None
+    if any(not isinstance(v, numbers.Integral) or isinstance(v, bool) for v in items):
+        raise ValueError(f"{name}: expected {expected}, got {value!r:.60}")
+    return tuple(int(v) for v in items)
 
 
 def _axis_ranges(extent, center: Tensor, dims: tuple) -> list:
+    from .ops import real_number
+
     if isinstance(extent, numbers.Real) and not isinstance(extent, bool):
-        if not (math.isfinite(extent) and extent > 0):
+        half = real_number("extent", extent)
+        if not half > 0:
             raise ValueError(f"extent: expected a positive half-width, got {extent!r}")
-        return [(float(center[d]) - extent, float(center[d]) + extent) for d in dims]
-    try:
-        ranges = [(float(lo), float(hi)) for lo, hi in extent]
-    except (TypeError, ValueError):
-        raise TypeError(f"extent: expected a positive float (half-width) or one (lo, hi) pair per grid "
-                        f"axis, got {extent!r}") from None
-    if len(ranges) != len(dims) or any(not (math.isfinite(lo) and math.isfinite(hi) and hi > lo)
-                                       for lo, hi in ranges):
-        raise ValueError(f"extent: expected {len(dims)} finite (lo, hi) pairs with hi > lo, got {extent!r}")
+        ranges = [(float(center[d]) - half, float(center[d]) + half) for d in dims]
+    else:
+        try:
+            ranges = [(float(lo), float(hi)) for lo, hi in extent]
+        except (TypeError, ValueError, OverflowError):
+            raise TypeError(f"extent: expected a positive float (half-width) or one (lo, hi) pair per grid "
+                            f"axis, got {extent!r:.60}") from None
+        if len(ranges) != len(dims) or any(not (math.isfinite(lo) and math.isfinite(hi) and hi > lo)
+                                           for lo, hi in ranges):
+            raise ValueError(f"extent: expected {len(dims)} finite (lo, hi) pairs with hi > lo, got {extent!r:.60}")
+    largest = torch.finfo(center.dtype).max
+    if any(abs(v) > largest for pair in ranges for v in pair):  # Inf grid coordinates in float32
+        raise ValueError(f"extent: the grid spans {ranges}, beyond the range of {_dtype_name(center.dtype)}")
     return ranges
 
 
@@ -161,12 +203,13 @@ def latent_grid(fields, center, dims: Sequence[int] = (0, 1), extent=3.0, shape:
 
     Args:
         fields: a :class:`sta.FieldBank` (its parameters' dtype and device are the grid's).
-        center: (D,) the point the slice goes through (tensor or sequence of floats).
+        center: (D,) the point the slice goes through (tensor or sequence of floats), finite.
         dims: the d = 2 or 3 distinct latent coordinates the grid spans.
         extent: a half-width (every axis spans ``center[dim] -+ extent``) or d ``(lo, hi)`` pairs.
         shape: d cell counts ``(N1, ..., Nd)``.
-        g_pot: (Kp,) coefficients of the potential fields for the whole grid, a float, or None (0).
-        g_rot: (Kr,) coefficients of the rotational fields, a float, or None (0).
+        g_pot: (Kp,) coefficients of the potential fields for the whole grid (a tensor or a
+            sequence such as ``[1, 0, 0]``), one float for every field, or None (0).
+        g_rot: (Kr,) coefficients of the rotational fields, likewise.
         t: the time at which the fields are evaluated.
         backend: the flow_step backend.
         differentiable: keep the autograd graph to the field parameters and coefficients (default
@@ -175,6 +218,10 @@ def latent_grid(fields, center, dims: Sequence[int] = (0, 1), extent=3.0, shape:
 
     Returns:
         :class:`LatentGrid` (centre and face velocities, the analytic div, the in-plane components).
+
+    Non-finite values: center, extent and the grid coordinates must be finite (ValueError naming
+    the argument); coefficients, t and field parameters follow :func:`sta.flow_step` (a NaN
+    coefficient gives NaN velocities, which :func:`grid_transport` then rejects).
     """
     from .fields import FieldBank
     from .ops import flow_step
@@ -183,15 +230,16 @@ def latent_grid(fields, center, dims: Sequence[int] = (0, 1), extent=3.0, shape:
         raise TypeError(f"fields: expected a sta.FieldBank, got {type(fields).__name__}")
     D = fields.dim
     like = next(fields.parameters())
-    dims = tuple(dims)
-    if len(dims) not in (2, 3) or len(set(dims)) != len(dims) or any(
-            not isinstance(d, int) or isinstance(d, bool) or not 0 <= d < D for d in dims):
+    dims = _int_tuple("dims", dims, f"2 or 3 distinct latent coordinates in [0, {D})")
+    if len(dims) not in (2, 3) or len(set(dims)) != len(dims) or any(not 0 <= d < D for d in dims):
         raise ValueError(f"dims: expected 2 or 3 distinct latent coordinates in [0, {D}), got {dims}")
-    center = torch.as_tensor(center, dtype=like.dtype).to(like.device)
+    center = _as_real_tensor("center", center, like, f"a (D,) = ({D},) point")
     if center.shape != (D,):
         raise ValueError(f"center: expected shape (D,) = ({D},), got {tuple(center.shape)}")
-    shape = tuple(shape)
-    if len(shape) != len(dims) or any(not isinstance(n, int) or isinstance(n, bool) or n < 1 for n in shape):
+    if not bool(torch.isfinite(center).all()):  # the grid's geometry: NaN would make every point NaN
+        raise ValueError(f"center: expected finite coordinates, got {center.tolist()}")
+    shape = _int_tuple("shape", shape, f"{len(dims)} positive ints (one cell count per grid axis)")
+    if len(shape) != len(dims) or any(n < 1 for n in shape):
         raise ValueError(f"shape: expected {len(dims)} positive ints (one per grid axis), got {shape}")
     ranges = _axis_ranges(extent, center, dims)
 
@@ -235,14 +283,16 @@ def advect_particles(fields, z: Tensor, logq: Tensor, time: float, steps: int, *
     ``g_pot: (Kp,)`` / ``g_rot: (Kr,)`` (or floats, or None) apply to every particle.
     Returns ``(z, logq)`` after ``time``.
     """
-    from .ops import flow_step
+    from .ops import flow_step, real_number
 
+    if not isinstance(z, Tensor):
+        raise TypeError(f"z: expected a Tensor of shape (B, D), got {type(z).__name__}")
     if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
         raise ValueError(f"steps: expected a positive int, got {steps!r}")
     if not isinstance(logq, Tensor) or logq.shape != z.shape[:1]:
         raise ValueError(f"logq: expected shape (B,) = {tuple(z.shape[:1])}, got "
                          f"{tuple(logq.shape) if isinstance(logq, Tensor) else type(logq).__name__}")
-    dt = float(time) / steps
+    dt = real_number("time", time) / steps
     B = z.shape[0]
     gp = _coefficients("g_pot", g_pot, fields.num_potential, B, z)
     gr = _coefficients("g_rot", g_rot, fields.num_rotational, B, z)
@@ -269,17 +319,30 @@ def _check_rho(rho) -> Tensor:
         raise TypeError(f"rho: expected float32 or float64, got {_dtype_name(rho.dtype)}")
     if rho.numel() == 0:
         raise ValueError(f"rho: expected at least one cell per axis, got shape {tuple(rho.shape)}")
+    _require_finite("rho", rho, "densities")
     return rho
+
+
+def _require_finite(name: str, values: Tensor, what: str) -> None:
+    """ValueError naming ``name`` if ``values`` holds a NaN or Inf (one host sync)."""
+    bad = ~torch.isfinite(values.detach())
+    if bool(bad.any()):
+        first = tuple(int(i) for i in bad.nonzero()[0])
+        raise ValueError(f"{name}: expected finite {what}, got {int(bad.sum())} NaN/Inf "
+                         f"(first at index {first}: {values[first].item()})")
 
 
 def _check_dx(dx, ndim: int) -> tuple:
     values = [dx] * ndim if isinstance(dx, numbers.Real) and not isinstance(dx, bool) else dx
     try:
         values = tuple(float(v) for v in values)
+    except OverflowError:
+        raise ValueError(f"dx: expected a positive finite float or {ndim} of them, got an int beyond "
+                         f"the float range") from None
     except (TypeError, ValueError):
-        raise TypeError(f"dx: expected a positive float or {ndim} positive floats, got {dx!r}") from None
+        raise TypeError(f"dx: expected a positive float or {ndim} positive floats, got {dx!r:.60}") from None
     if len(values) != ndim or not all(math.isfinite(v) and v > 0 for v in values):
-        raise ValueError(f"dx: expected a positive finite float or {ndim} of them (one per axis), got {dx!r}")
+        raise ValueError(f"dx: expected a positive finite float or {ndim} of them (one per axis), got {dx!r:.60}")
     return values
 
 
@@ -287,48 +350,91 @@ def _face_shape(shape: tuple, axis: int) -> tuple:
     return shape[:axis] + (shape[axis] + 1,) + shape[axis + 1:]
 
 
-def _check_faces(velocity_faces, rho: Tensor, boundary: str) -> tuple:
+def _face_tuple(velocity_faces, name: str, d: Optional[int] = None) -> tuple:
+    """``velocity_faces`` as a tuple of 2 or 3 (or ``d``) floating-point tensors of rank d."""
+    want = "2 or 3" if d is None else str(d)
+    if isinstance(velocity_faces, Tensor) or not isinstance(velocity_faces, (tuple, list)):
+        raise TypeError(f"{name}: expected a tuple of {want} face tensors (u1, u2[, u3]), "
+                        f"got {type(velocity_faces).__name__}")
+    faces = tuple(velocity_faces)
+    n = len(faces)
+    if (n not in (2, 3)) if d is None else n != d:
+        raise ValueError(f"{name}: expected a tuple of {want} face tensors (u1, u2[, u3]), got {n}")
+    for a, u in enumerate(faces):
+        if not isinstance(u, Tensor):
+            raise TypeError(f"{name}[{a}]: expected a Tensor, got {type(u).__name__}")
+        if not u.is_floating_point():  # as the centre form: no bool, integer or complex velocities
+            raise TypeError(f"{name}[{a}]: expected a floating-point tensor, got {_dtype_name(u.dtype)}")
+        if u.dim() != n:
+            raise ValueError(f"{name}[{a}]: expected a rank-{n} tensor (one per grid axis), got shape "
+                             f"{tuple(u.shape)}")
+    return faces
+
+
+def _cells_of_faces(faces: tuple, name: str) -> tuple:
+    """The cell shape ``(N1, ..., Nd)`` that faces ``(u1, ..., ud)`` belong to (N_a + 1 = u_a.shape[a])."""
+    shape = tuple(u.shape[a] - 1 for a, u in enumerate(faces))
+    for a, n in enumerate(shape):
+        if n < 1:
+            raise ValueError(f"{name}[{a}]: expected at least 2 faces (1 cell) along axis {a}, got shape "
+                             f"{tuple(faces[a].shape)}")
+    return shape
+
+
+def _check_faces(velocity_faces, rho: Tensor, boundary: Optional[str], name: str = "velocity_faces") -> tuple:
+    """Validate face velocities against ``rho`` (shape, dtype, device).
+
+    With a ``boundary`` (the transport ops), the faces that carry flux -- every face when
+    periodic, the interior ones with zero flux -- must be finite (ValueError naming the face
+    tensor), and with "zero_flux" the boundary faces, which the step ignores, are returned as
+    zeros so that no backend sees what they held. ``boundary=None``: shapes only (grid_divergence).
+    """
     d = rho.dim()
     shape = tuple(rho.shape)
     expected = [_face_shape(shape, a) for a in range(d)]
-    if isinstance(velocity_faces, Tensor) or not isinstance(velocity_faces, (tuple, list)) or len(velocity_faces) != d:
-        raise TypeError(f"velocity_faces: expected a tuple of {d} tensors with shapes {expected} "
-                        f"(u_a has N_a + 1 faces along axis a), got {type(velocity_faces).__name__}")
     faces = []
-    for a, (u, exp) in enumerate(zip(velocity_faces, expected)):
-        name = f"velocity_faces[{a}]"
-        if not isinstance(u, Tensor):
-            raise TypeError(f"{name}: expected a Tensor of shape {exp}, got {type(u).__name__}")
+    for a, (u, exp) in enumerate(zip(_face_tuple(velocity_faces, name, d), expected)):
+        face = f"{name}[{a}]"
         if tuple(u.shape) != exp:
-            raise ValueError(f"{name}: expected shape {exp} (N_{a + 1} + 1 faces along axis {a} for rho of "
+            raise ValueError(f"{face}: expected shape {exp} (N_{a + 1} + 1 faces along axis {a} for cells of "
                              f"shape {shape}), got {tuple(u.shape)}")
         if u.dtype != rho.dtype:
-            raise TypeError(f"{name}: expected dtype {_dtype_name(rho.dtype)} (that of rho), got {_dtype_name(u.dtype)}")
+            raise TypeError(f"{face}: expected dtype {_dtype_name(rho.dtype)} (that of rho), got {_dtype_name(u.dtype)}")
         if u.device != rho.device:
-            raise ValueError(f"{name}: expected device {rho.device} (that of rho), got {u.device}")
+            raise ValueError(f"{face}: expected device {rho.device} (that of rho), got {u.device}")
         if boundary == "periodic":
+            _require_finite(face, u, "face velocities")
             first, last = u.narrow(a, 0, 1), u.narrow(a, shape[a], 1)
             scale = u.abs().max() if u.numel() else 0.0
             if not bool(((first - last).abs() <= 1e-6 * scale + torch.finfo(u.dtype).tiny).all()):
-                raise ValueError(f"{name}: with boundary='periodic' faces 0 and {shape[a]} along axis {a} are the "
+                raise ValueError(f"{face}: with boundary='periodic' faces 0 and {shape[a]} along axis {a} are the "
                                  f"same face and must carry the same velocity")
+        elif boundary == "zero_flux":
+            u = u.clone()  # the boundary faces are documented as ignored: zero them for every backend
+            u.narrow(a, 0, 1).zero_()
+            u.narrow(a, shape[a], 1).zero_()
+            _require_finite(face, u, "velocities on the interior faces")
         faces.append(u.contiguous())
     return tuple(faces)
 
 
 def _check_options(boundary: str, limiter: str) -> None:
-    if boundary not in BOUNDARIES:
-        raise ValueError(f"boundary: expected one of {BOUNDARIES}, got {boundary!r}")
-    if limiter not in LIMITERS:
-        raise ValueError(f"limiter: expected one of {tuple(LIMITERS)}, got {limiter!r}")
+    # isinstance first: a list is unhashable, and `in` on the LIMITERS dict would raise TypeError
+    if not isinstance(boundary, str) or boundary not in BOUNDARIES:
+        raise ValueError(f"boundary: expected one of {BOUNDARIES}, got {boundary!r:.60}")
+    if not isinstance(limiter, str) or limiter not in LIMITERS:
+        raise ValueError(f"limiter: expected one of {tuple(LIMITERS)}, got {limiter!r:.60}")
 
 
 def _outgoing_rate(faces: tuple, dx: tuple, boundary: str) -> Tensor:
-    """Per cell, sum over its faces of outgoing normal speed / dx: shape of rho (no autograd)."""
+    """Per cell, sum over its faces of outgoing normal speed / dx: shape of rho (no autograd).
+
+    In float64: u / dx of a float32 velocity can overflow float32 and make the CFL number Inf."""
     shape = (faces[1].shape[0],) + tuple(faces[0].shape[1:])
-    total = faces[0].new_zeros(shape)
+    total = faces[0].new_zeros(shape, dtype=torch.float64)
     with torch.no_grad():
         for a, (u, h) in enumerate(zip(faces, dx)):
+            u = u.double()
             n = u.shape[a] - 1
             if boundary == "periodic":  # face n is face 0
                 total.add_(u.narrow(a, 1, n).clamp(min=0), alpha=1.0 / h)    # out of cell i through face i + 1
@@ -343,22 +449,21 @@ def _outgoing_rate(faces: tuple, dx: tuple, boundary: str) -> Tensor:
 def cfl_number(velocity_faces, dx, dt: float, *, boundary: str = "zero_flux", limiter: str = "van_leer") -> float:
     """The CFL number of one :func:`grid_transport` step (module docstring): positivity needs <= 1.
 
-    ``kappa(limiter) * dt * max_cells sum_faces outgoing_speed / dx_a``.
+    ``kappa(limiter) * dt * max_cells sum_faces outgoing_speed / dx_a``. The faces that carry flux
+    must be finite (ValueError naming the face tensor), as in :func:`grid_transport`.
     """
     _check_options(boundary, limiter)
-    faces = tuple(velocity_faces)
-    d = len(faces)
-    if d not in (2, 3):
-        raise ValueError(f"velocity_faces: expected 2 or 3 face tensors, got {d}")
-    shape = tuple(faces[1].shape[0:1]) + tuple(faces[0].shape[1:])
-    rho = faces[0].new_empty(shape)
-    faces = _check_faces(faces, _check_rho(rho), boundary)
-    return _cfl(faces, _check_dx(dx, d), dt, boundary, limiter)
+    faces = _face_tuple(velocity_faces, "velocity_faces")
+    cells = faces[0].new_empty(_cells_of_faces(faces, "velocity_faces"))  # shape, dtype, device only
+    faces = _check_faces(faces, cells, boundary)
+    return _cfl(faces, _check_dx(dx, len(faces)), _check_dt(dt), boundary, limiter)
 
 
 def _cfl(faces, dx, dt, boundary, limiter) -> float:
+    if dt == 0:  # nothing moves; and 0 * Inf (an overflowing rate) would be NaN
+        return 0.0
     rate = _outgoing_rate(faces, dx, boundary)
-    return FACE_BOUND[limiter] * dt * float(rate.detach().max()) if rate.numel() else 0.0
+    return FACE_BOUND[limiter] * dt * float(rate.max()) if rate.numel() else 0.0
 
 
 # ----------------------------------------------------------------------------------------------
@@ -546,10 +651,22 @@ def select_grid_backend(rho: Tensor, backend: str = "auto", needs_grad: bool = F
 # Public ops
 # ----------------------------------------------------------------------------------------------
 
-def _check_dt(dt) -> float:
-    if not isinstance(dt, numbers.Real) or isinstance(dt, bool) or not math.isfinite(dt) or dt < 0:
-        raise ValueError(f"dt: expected a finite float >= 0, got {dt!r}")
-    return float(dt)
+def _check_dt(dt, name: str = "dt") -> float:
+    """A step or a duration: a finite float >= 0 (TypeError / ValueError naming ``name``)."""
+    from .ops import real_number
+
+    value = real_number(name, dt)
+    if value < 0:
+        raise ValueError(f"{name}: expected a finite float >= 0, got {dt!r}")
+    return value
+
+
+def _check_courant(dt: float, dx: tuple, dtype: torch.dtype, name: str) -> None:
+    """dt / dx_a must be finite in rho's dtype: an Inf Courant factor times a zero flux is NaN."""
+    largest = torch.finfo(dtype).max
+    if any(dt / h > largest for h in dx):
+        raise ValueError(f"{name}: {name} / dx = {max(dt / h for h in dx):.4g} is not finite in "
+                         f"{_dtype_name(dtype)} (largest {largest:.4g})")
 
 
 def grid_transport(rho: Tensor, velocity_faces, dx, dt: float, *, boundary: str = "zero_flux",
@@ -575,11 +692,17 @@ def grid_transport(rho: Tensor, velocity_faces, dx, dt: float, *, boundary: str 
     Raises:
         TypeError / ValueError naming the argument (shapes, dtypes, devices, dx <= 0, ...), and
         ValueError when the CFL number exceeds 1 (the message gives the largest stable dt).
+
+    Non-finite values (the same on every backend, checked before dispatch): a NaN/Inf in rho or
+    in a face velocity that carries flux is a ValueError naming ``rho`` or
+    ``velocity_faces[a]``; with "zero_flux" the boundary faces are ignored whatever they hold
+    (also NaN/Inf); dx, dt and dt / dx (in rho's dtype) must be finite.
     """
     rho = _check_rho(rho)
     _check_options(boundary, limiter)
     dx = _check_dx(dx, rho.dim())
     dt = _check_dt(dt)
+    _check_courant(dt, dx, rho.dtype, "dt")
     faces = _check_faces(velocity_faces, rho, boundary)
     cfl = _cfl(faces, dx, dt, boundary, limiter)
     if cfl > 1:
@@ -609,19 +732,28 @@ def transport_for(rho: Tensor, velocity_faces, dx, time: float = 1.0, *, boundar
     strong-stability-preserving Heun scheme ``rho1 = S(rho), rho <- (rho + S(rho1)) / 2`` with S one
     step: second order in time, and a convex combination of positive conservative steps, so mass
     and positivity hold under the same CFL condition (twice the work). Other arguments as in
-    :func:`grid_transport`. Returns rho after ``time``.
+    :func:`grid_transport`; ``time`` is a finite float >= 0. Returns rho after ``time``.
+
+    Non-finite values as in :func:`grid_transport`; a run that would need more than
+    :data:`MAX_SUBSTEPS` sub-steps is a ValueError naming ``time`` (instead of running for hours).
     """
     rho = _check_rho(rho)
     _check_options(boundary, limiter)
     dx = _check_dx(dx, rho.dim())
-    time = _check_dt(time)
-    if not isinstance(cfl, numbers.Real) or not 0 < cfl <= 1:
-        raise ValueError(f"cfl: expected a target CFL number in (0, 1], got {cfl!r}")
+    time = _check_dt(time, "time")
+    if not isinstance(cfl, numbers.Real) or isinstance(cfl, bool) or not 0 < cfl <= 1:
+        raise ValueError(f"cfl: expected a target CFL number in (0, 1], got {cfl!r:.60}")
+    if time_order not in (1, 2) or isinstance(time_order, bool):
+        raise ValueError(f"time_order: expected 1 (forward Euler) or 2 (SSP Heun), got {time_order!r:.60}")
     faces = _check_faces(velocity_faces, rho, boundary)
-    steps = max(1, math.ceil(_cfl(faces, dx, time, boundary, limiter) / cfl))
+    total = _cfl(faces, dx, time, boundary, limiter) / cfl
+    if not total <= MAX_SUBSTEPS:
+        raise ValueError(f"time: transporting for {time:g} at CFL {cfl:g} needs {total:.4g} sub-steps "
+                         f"(more than {MAX_SUBSTEPS}); shorten time or check velocity_faces (largest |u| "
+                         f"{max(float(u.abs().max()) for u in faces):.4g})")
+    steps = max(1, math.ceil(total))
+    _check_courant(time / steps, dx, rho.dtype, "time")
     impl = select_grid_backend(rho, backend, _needs_grad(rho, faces))
-    if time_order not in (1, 2):
-        raise ValueError(f"time_order: expected 1 (forward Euler) or 2 (SSP Heun), got {time_order!r}")
     for _ in range(steps):
         nxt = _step(rho, faces, dx, time / steps, boundary, limiter, impl)
         if time_order == 2:
@@ -643,15 +775,17 @@ def grid_divergence(velocity, dx) -> Tensor:
 
     Returns:
         (N1, N2) or (N1, N2, N3): the in-plane divergence at the cell centres.
+
+    Plain torch differences on every backend: a NaN/Inf velocity propagates to the cells whose
+    differences use it (so does :func:`grid_curl`). Non-floating (bool, integer, complex)
+    velocities are a TypeError in both forms.
     """
     if isinstance(velocity, (tuple, list)):
-        d = len(velocity)
-        if d not in (2, 3) or not all(isinstance(u, Tensor) and u.dim() == d for u in velocity):
-            raise ValueError("velocity: expected 2 or 3 face tensors (u1, u2[, u3]) of rank 2 or 3")
-        shape = (velocity[0].shape[0] - 1,) + tuple(velocity[0].shape[1:])
-        _check_faces(velocity, velocity[0].new_empty(shape), "zero_flux")
-        h = _check_dx(dx, d)
-        return sum(torch.diff(u, dim=a) / h[a] for a, u in enumerate(velocity))
+        faces = _face_tuple(velocity, "velocity")
+        cells = faces[0].new_empty(_cells_of_faces(faces, "velocity"))  # shape, dtype, device only
+        faces = _check_faces(faces, cells, None, name="velocity")
+        h = _check_dx(dx, len(faces))
+        return sum(torch.diff(u, dim=a) / h[a] for a, u in enumerate(faces))
     v = _check_centre_velocity(velocity)
     d = v.shape[-1]
     h = _check_dx(dx, d)

@@ -5,8 +5,9 @@ from typing import Optional, Union
 
 from torch import Tensor, nn
 
+from .backends import BACKEND_NAMES
 from .fields import FieldBank
-from .ops import flow_step
+from .ops import flow_step, real_number
 
 __all__ = ["SparseFlowLayer"]
 
@@ -48,7 +49,9 @@ class SparseFlowLayer(nn.Module):
     ):
         super().__init__()
         self.fields = FieldBank(dim, num_potential, num_rotational, hidden, rotational, rank)
-        self.dt = dt
+        self.dt = real_number("dt", dt)  # a bad dt fails here, not at the first forward
+        if not isinstance(backend, str) or (backend != "auto" and backend not in BACKEND_NAMES):
+            raise ValueError(f"backend: expected 'auto' or one of {BACKEND_NAMES}, got {backend!r}")
         self.backend = backend
 
     def forward(
@@ -62,13 +65,21 @@ class SparseFlowLayer(nn.Module):
         """z: (B, D), g_pot: (B, Kp), g_rot: (B, Kr), logq: (B,) or None.
 
         Returns ``(z_next: (B, D), logq_next: (B,))``, or ``(z_next, -dt * div)`` when logq is None.
+        Non-finite values follow :func:`sta.flow_step`; a non-finite logq propagates.
         """
         out = flow_step(z, t, g_pot, g_rot, self.fields, dt=self.dt, outputs=("z", "div"), backend=self.backend)
         dlogq = -self.dt * out.div
         if logq is None:
             return out.z, dlogq
+        if not isinstance(logq, Tensor):
+            raise TypeError(f"logq: expected a Tensor of shape (B,) = {tuple(dlogq.shape)} or None, "
+                            f"got {type(logq).__name__}")
+        if not logq.is_floating_point():
+            raise TypeError(f"logq: expected a floating-point tensor, got {str(logq.dtype).replace('torch.', '')}")
         if logq.shape != dlogq.shape:
             raise ValueError(f"logq: expected shape (B,) = {tuple(dlogq.shape)}, got {tuple(logq.shape)}")
+        if logq.device != dlogq.device:
+            raise ValueError(f"logq: expected device {dlogq.device} (that of z), got {logq.device}")
         return out.z, logq + dlogq
 
     def extra_repr(self) -> str:

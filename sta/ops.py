@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import numbers
+from collections import abc
 from typing import Iterable, NamedTuple, Optional, Union
 
 import torch
@@ -16,7 +17,7 @@ from torch import Tensor
 from .backends import StepRequest, select
 from .fields import FieldBank
 
-__all__ = ["flow_step", "FlowStepOut", "OUTPUT_NAMES", "prepare_step"]
+__all__ = ["flow_step", "FlowStepOut", "OUTPUT_NAMES", "prepare_step", "real_number"]
 
 #: Every output flow_step can return.
 OUTPUT_NAMES = ("z", "div", "hj", "div_rot", "curl", "u")
@@ -46,6 +47,41 @@ class FlowStepOut(NamedTuple):
 
 def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).replace("torch.", "")
+
+
+def real_number(name: str, value, dtype: Optional[torch.dtype] = None) -> float:
+    """``value`` as a finite Python float, or a TypeError/ValueError naming ``name``.
+
+    ``dtype``: the value must also be finite in that dtype (e.g. dt = 1e300 is finite as a Python
+    float but Inf in float32, and ``Inf * 0`` would turn the rows with no active field into NaN).
+    Plain Python arithmetic only, so torch.compile traces it as constants.
+    """
+    if not isinstance(value, numbers.Real) or isinstance(value, bool):
+        raise TypeError(f"{name}: expected a finite float, got {type(value).__name__} {value!r:.60}")
+    try:
+        number = float(value)
+    except OverflowError:  # an int beyond the float range, e.g. 10**400
+        raise ValueError(f"{name}: expected a finite float, got an int of {value.bit_length()} bits, "
+                         f"beyond the float range") from None
+    if not math.isfinite(number):
+        raise ValueError(f"{name}: expected a finite float, got {number!r}")
+    if dtype is not None and abs(number) > torch.finfo(dtype).max:
+        raise ValueError(f"{name}: {number!r} is not finite in {_dtype_name(dtype)} (largest "
+                         f"{torch.finfo(dtype).max:.4g}); use a smaller value or float64")
+    return number
+
+
+def _check_outputs(outputs) -> frozenset:
+    if isinstance(outputs, str):
+        outputs = (outputs,)
+    if not isinstance(outputs, abc.Iterable):
+        raise TypeError(f"outputs: expected a name or an iterable of names from {OUTPUT_NAMES}, "
+                        f"got {type(outputs).__name__}")
+    outputs = tuple(outputs)
+    unknown = [o for o in outputs if not isinstance(o, str) or o not in OUTPUT_NAMES]
+    if unknown:
+        raise ValueError(f"outputs: unknown names {unknown}; expected a subset of {OUTPUT_NAMES}")
+    return frozenset(outputs)
 
 
 def _check_coefficients(name: str, g, z: Tensor, K: int) -> Tensor:
@@ -88,28 +124,29 @@ def _check_inputs(z, t, g_pot, g_rot, fields, dt, outputs):
                              f"{tuple(t.shape)} dtype {_dtype_name(t.dtype)}")
         if t.device != z.device:
             raise ValueError(f"t: expected device {z.device} (that of z), got {t.device}")
-    elif not isinstance(t, numbers.Real) or isinstance(t, bool) or not math.isfinite(t):
-        raise TypeError(f"t: expected a finite float or a 0-dim tensor, got {t!r}")
-    if not isinstance(dt, numbers.Real) or isinstance(dt, bool):
-        raise TypeError(f"dt: expected a finite float, got {type(dt).__name__}")
-    if not math.isfinite(dt):
-        raise ValueError(f"dt: expected a finite float, got {dt!r}")
-    if isinstance(outputs, str):
-        outputs = (outputs,)
-    outputs = tuple(outputs)
-    unknown = [o for o in outputs if o not in OUTPUT_NAMES]
-    if unknown:
-        raise ValueError(f"outputs: unknown names {unknown}; expected a subset of {OUTPUT_NAMES}")
-    return g_pot, g_rot, frozenset(outputs)
+    elif not isinstance(t, numbers.Real) or isinstance(t, bool):
+        raise TypeError(f"t: expected a finite float or a 0-dim tensor, got {type(t).__name__} {t!r:.60}")
+    else:
+        real_number("t", t, z.dtype)
+    real_number("dt", dt, z.dtype)
+    return g_pot, g_rot, _check_outputs(outputs)
 
 
-def prepare_step(fields: FieldBank, t: Union[float, Tensor]):
+def _active_fields(g: Optional[Tensor]) -> Optional[Tensor]:
+    """(K,) bool: the fields with at least one active pair in ``g: (B, K)`` (None: every field)."""
+    return None if g is None else (g != 0).any(0)
+
+
+def prepare_step(fields: FieldBank, t: Union[float, Tensor], g_pot: Optional[Tensor] = None,
+                 g_rot: Optional[Tensor] = None):
     """Per-step parameters of both banks: ``(PotentialParams | None, HamiltonianParams | MLPParams | None)``.
 
-    Evaluated once per step, differentiable in t and the parameters.
+    Evaluated once per step, differentiable in t and the parameters. Given the coefficients
+    ``g_pot: (B, Kp)`` / ``g_rot: (B, Kr)``, the parameters of the fields with no active pair are
+    zeros here (their gradients exactly 0), so a NaN/Inf they hold reaches no backend.
     """
-    pot = fields.potential.prepare(t) if fields.num_potential else None
-    rot = fields.rotational.prepare(t) if fields.num_rotational else None
+    pot = fields.potential.prepare(t, _active_fields(g_pot)) if fields.num_potential else None
+    rot = fields.rotational.prepare(t, _active_fields(g_rot)) if fields.num_rotational else None
     return pot, rot
 
 
@@ -133,8 +170,8 @@ def flow_step(
         g_pot: (B, Kp) coefficients of the potential fields, or None (all zero).
         g_rot: (B, Kr) coefficients of the rotational fields, or None (all zero).
         fields: a :class:`sta.FieldBank` with ``dim == D``, parameters on z's device and dtype.
-        dt: step size, a finite float.
-        outputs: which of ``("z", "div", "hj", "div_rot", "curl", "u")`` to compute.
+        dt: step size, a finite float (finite in z's dtype too).
+        outputs: a name or an iterable of names from ``("z", "div", "hj", "div_rot", "curl", "u")``.
         backend: "auto" (default; ``STA_BACKEND`` overrides it), "torch", "cpu", "triton" or "cuda".
 
     Returns:
@@ -148,6 +185,18 @@ def flow_step(
     Differentiable with respect to z, t, g_pot, g_rot and every field parameter. The gradient
     with respect to a zero coefficient is 0 (an inactive pair is not evaluated).
 
+    Non-finite values (the same on every backend):
+        * ``t`` and ``dt`` given as Python numbers must be finite, also once cast to z's dtype
+          (dt = 1e300 with float32 z is a ValueError naming ``dt``), so ``dt * 0`` is always 0:
+          a row with no active field returns z unchanged and div 0.
+        * NaN/Inf in z, g_pot, g_rot, a tensor t or the field parameters is not checked (that
+          would synchronise the device and break torch.compile); it propagates as in torch, to
+          the rows it touches: row b of z, a NaN coefficient (NaN != 0, so the pair is active),
+          the active pairs of a field with non-finite parameters.
+        * Inactive pairs give exactly zero outputs and gradients whatever the field's parameters
+          hold: a field with no active pair in the batch is replaced by zeros before dispatch, so
+          its gradients, and the gradient of t, are exactly 0 even if its parameters are NaN.
+
     Raises:
         TypeError / ValueError naming the argument for bad shapes, dtypes, devices or values;
         sta.backends.BackendUnavailableError when a named backend cannot run the input.
@@ -159,7 +208,7 @@ def flow_step(
         outputs=want, requires_grad=torch.is_grad_enabled(),
     )
     impl = select(request, backend)
-    pot_params, rot_params = prepare_step(fields, t)
+    pot_params, rot_params = prepare_step(fields, t, g_pot, g_rot)
     velocity = None
     div = z.new_zeros(z.shape[0]) if "div" in want else None
     result = {}

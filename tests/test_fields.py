@@ -77,7 +77,10 @@ def test_time_embedding_derivative_matches_autograd():
     [
         (dict(dim=0), "dim"),
         (dict(hidden=-1), "hidden"),
-        (dict(num_potential=-2), "num_fields"),
+        (dict(num_potential=-2), "num_potential"),
+        (dict(num_rotational=-2), "num_rotational"),  # issue 15: FieldBank(3, 1, -2, 4)
+        (dict(num_rotational=1.5), "num_rotational"),
+        (dict(rank=True), "rank"),
         (dict(rotational="curl"), "rotational"),
         (dict(rank=0), "rank"),
         (dict(rotational="mlp", rank=2), "rank"),

@@ -197,7 +197,16 @@ def _valid():
         (dict(dt=float("nan")), ValueError, "dt"),
         (dict(dt=float("inf")), ValueError, "dt"),
         (dict(dt="1"), TypeError, "dt"),
-        (dict(t=float("nan")), TypeError, "t"),
+        (dict(t=float("nan")), ValueError, "t"),
+        (dict(t="0.5"), TypeError, "t"),
+        # issue 15: each of these raised an error that did not name the argument
+        (dict(outputs=None), TypeError, "outputs"),
+        (dict(outputs=3), TypeError, "outputs"),
+        (dict(outputs=[["z"]]), ValueError, "outputs"),
+        (dict(t=10**400), ValueError, "t"),
+        (dict(dt=10**400), ValueError, "dt"),
+        (dict(dt=1e300), ValueError, "dt"),  # finite in Python, Inf in float32: Inf * 0 would be NaN
+        (dict(t=-1e300), ValueError, "t"),
         (dict(t=torch.zeros(2)), ValueError, "t"),
         (dict(fields="bank"), TypeError, "fields"),
         (dict(outputs=("z", "jacobian")), ValueError, "outputs"),
