@@ -7,6 +7,11 @@ Commands:
   evaluate  metrics of a run directory -> RUN_DIR/eval.json and a table
   plot      figures of a run directory -> RUN_DIR/plots/*.png, *.gif
   run       train + evaluate + plot in one command (default preset)
+
+Exit status: 0 done; 2 a user error (bad option, config or run directory), one line on stderr;
+1 the training diverged (non-finite loss or gradients, see ``max_nonfinite_steps`` in
+:class:`sta.train.TrainConfig`), one line on stderr naming the step, the first non-finite term and the
+last good checkpoint (``sta train --out RUN --resume --set lr=...`` continues from it).
 """
 from __future__ import annotations
 
@@ -91,16 +96,31 @@ def _train(args) -> int:
         if args.steps is not None:
             config.steps = args.steps
         config.validate()
-    train(config, out, resume=args.resume, progress=not args.quiet)
-    if int(os.environ.get("RANK", "0")) == 0:
-        print(f"run directory: {out}")
+        update = _resume_update(config, args.set or [])
+    else:
+        update = None
+    if int(os.environ.get("RANK", "0")) == 0:  # at the start: the run can be watched (metrics.jsonl)
+        print(f"run directory: {out}", flush=True)
+    train(config, out, resume=args.resume, progress=not args.quiet, update=update)
     return 0
+
+
+def _resume_update(stored, overrides: list) -> dict:
+    """The ``--set`` entries of a ``--resume`` as ``train(update=...)``: only RESUME_KEYS may change."""
+    from .train import RESUME_KEYS, apply_overrides
+
+    old, new = stored.to_dict(), apply_overrides(stored, overrides).to_dict()
+    changed = sorted(k for k in new if new[k] != old[k])
+    refused = [k for k in changed if k not in RESUME_KEYS]
+    if refused:
+        raise _CLIError(f"--set: {refused} cannot change when resuming a run; allowed: {list(RESUME_KEYS)}")
+    return {k: new[k] for k in changed}
 
 
 def _evaluate(args) -> int:
     from .evaluate import evaluate, format_table
 
-    result = evaluate(args.run_dir, iw_samples=args.iw_samples)
+    result = evaluate(args.run_dir, iw_samples=args.iw_samples, progress=not args.quiet)
     print(format_table(result))
     print(f"wrote {os.path.join(args.run_dir, 'eval.json')}")
     return 0
@@ -161,6 +181,7 @@ def main(argv=None) -> int:
     evaluate = sub.add_parser("evaluate", help="metrics of a run -> RUN_DIR/eval.json")
     evaluate.add_argument("run_dir")
     evaluate.add_argument("--iw-samples", type=int, default=64, help="samples of the importance-weighted bound")
+    evaluate.add_argument("--quiet", action="store_true", help="no progress bar")
     evaluate.set_defaults(run=_evaluate)
     plot = sub.add_parser("plot", help="figures of a run -> RUN_DIR/plots/")
     plot.add_argument("run_dir")
@@ -170,10 +191,13 @@ def main(argv=None) -> int:
     run.set_defaults(run=_run)
     args = parser.parse_args(argv)
     from .data import MissingExtraError
-    from .train import ConfigError
+    from .train import ConfigError, TrainingDiverged
 
     try:
         return args.run(args)
+    except TrainingDiverged as err:
+        print(f"sta {args.command}: error: {err}", file=sys.stderr)
+        return 1
     except (_CLIError, ConfigError, MissingExtraError) as err:
         print(f"sta {args.command}: error: {err}", file=sys.stderr)
         return 2

@@ -14,8 +14,11 @@ Metrics, on the run's test split (sequences the model never saw, split by source
   one-to-one matching (Hungarian, scipy) between learned fields (argmax of the spike posterior
   per step) and true transformations; chance is 1/K. ``identification_f1``: on the combination
   split, micro F1 of the predicted active set (spike posterior > 1/2) mapped through that matching.
-  For "dense" the score is the inferred speed (active if > 1/2); "static" has no coefficients, so
-  both are None.
+  For "dense" the score is the inferred speed (active if > 1/2), for "slowvae" |g| (see below);
+  "static" and "betavae" have no coefficients, so both are None (n/a).
+* How a model without fields is rolled forward: "linear" moves z along its learned directions;
+  "slowvae" along the K principal directions of its latent steps, with coefficients projected from
+  the encodings of consecutive frames (sta.models.slowvae); "static" and "betavae" do not move.
 """
 from __future__ import annotations
 
@@ -27,16 +30,25 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .train import load_data, load_run, schedules
+from .train import load_data, load_run, progress_bar, schedules
 
 __all__ = ["evaluate", "equivariance_errors", "match_fields", "format_table"]
 
 
-@torch.no_grad()
-def equivariance_errors(model, x: Tensor, batch_size: int = 64) -> Tensor:
-    """Per-image L1 error of the rolled-forward prediction: ``x: (N, T+1, C, S, S) -> (N, T)``."""
-    out = []
+def _chunks(x: Tensor, batch_size: int, bar=None):
+    """``x.split(batch_size)``, advancing the progress ``bar`` (if any) by each chunk's sequences."""
     for chunk in x.split(batch_size):
+        yield chunk
+        if bar is not None:
+            bar.update(chunk.shape[0])
+
+
+@torch.no_grad()
+def equivariance_errors(model, x: Tensor, batch_size: int = 64, bar=None) -> Tensor:
+    """Per-image L1 error of the rolled-forward prediction: ``x: (N, T+1, C, S, S) -> (N, T)``.
+    bar: an optional progress bar advanced by the sequences done."""
+    out = []
+    for chunk in _chunks(x, batch_size, bar):
         mu, _ = model.encode(chunk[:, 0])
         g, _ = model.infer_coefficients(chunk)
         z = model.rollout(mu, g)  # (B, T+1, D)
@@ -46,14 +58,12 @@ def equivariance_errors(model, x: Tensor, batch_size: int = 64) -> Tensor:
 
 
 @torch.no_grad()
-def field_scores(model, x: Tensor, batch_size: int = 64) -> Tensor:
-    """Per-step activation score of each learned field: ``(N, T, K)`` (spike probability, or speed
-    for "dense"; with double control, the larger of the potential and rotational scores)."""
-    scores = torch.cat([model.infer_coefficients(chunk)[1] for chunk in x.split(batch_size)])
-    K = model.config.num_fields
-    if scores.shape[-1] == 2 * K:
-        scores = torch.maximum(scores[..., :K], scores[..., K:])
-    return scores
+def field_scores(model, x: Tensor, batch_size: int = 64, bar=None) -> Tensor:
+    """Per-step activation score of each learned field: ``(N, T, K)`` (the kind's score from
+    ``infer_coefficients``: spike probability, the speed for "dense", |coefficient| for "slowvae";
+    with double control, the larger of the potential and rotational scores)."""
+    scores = torch.cat([model.infer_coefficients(chunk)[1] for chunk in _chunks(x, batch_size, bar)])
+    return model.coefficients.per_field(scores)
 
 
 def match_fields(pred: Tensor, true: Tensor, num_fields: int, num_true: int) -> tuple[list, float]:
@@ -99,8 +109,12 @@ def _f1(scores: Tensor, active: Tensor, assignment: list, threshold: float = 0.5
 
 
 @torch.no_grad()
-def evaluate(run_dir: str, iw_samples: int = 64, batch_size: int = 64, write: bool = True) -> dict:
-    """Compute every metric of a run directory; writes RUN_DIR/eval.json and returns the dict."""
+def evaluate(run_dir: str, iw_samples: int = 64, batch_size: int = 64, write: bool = True,
+             progress: bool = False) -> dict:
+    """Compute every metric of a run directory; writes RUN_DIR/eval.json and returns the dict.
+
+    progress: a bar on stderr naming the metric being computed (the quick preset's evaluation
+    takes about a minute on 2 CPU cores)."""
     config, model, ckpt = load_run(run_dir)
     torch.manual_seed(config.seed + 12345)  # the ELBO and IW bound are stochastic: fix their noise
     x, ds = load_data(config, "test")
@@ -110,18 +124,24 @@ def evaluate(run_dir: str, iw_samples: int = 64, batch_size: int = 64, write: bo
     names = list(ds.transformations)
     T = x.shape[1] - 1
     temperature = schedules(config, ckpt["step"]).temperature
+    # the bar counts sequences through each pass: ELBO, IW bound, equivariance (combinations, single);
+    # the identification passes are added when the model has coefficients
+    bar = progress_bar(3 * x.shape[0] + xs.shape[0], "evaluate", progress)
 
+    bar.set_description_str("evaluate: ELBO")
     sums, n = {}, 0
-    for chunk in x.split(batch_size):
+    for chunk in _chunks(x, batch_size, bar):
         terms = model.elbo(chunk, temperature=temperature, slab=True).scalars()
         for key, value in terms.items():
             sums[key] = sums.get(key, 0.0) + value * chunk.shape[0]
         n += chunk.shape[0]
     terms = {key: value / n for key, value in sums.items()}
-    iw = torch.cat([model.iw_bound(chunk[:, 0], iw_samples) for chunk in x.split(batch_size)])
+    bar.set_description_str(f"evaluate: IW bound ({iw_samples} samples)")
+    iw = torch.cat([model.iw_bound(chunk[:, 0], iw_samples) for chunk in _chunks(x, batch_size, bar)])
 
-    err = equivariance_errors(model, x, batch_size)
-    err_single = equivariance_errors(model, xs, batch_size)
+    bar.set_description_str("evaluate: equivariance")
+    err = equivariance_errors(model, x, batch_size, bar)
+    err_single = equivariance_errors(model, xs, batch_size, bar)
     which = active_single.argmax(-1)  # (N, T) the one true transformation of each step
     per_transformation = {name: err_single[which == j].mean().item() for j, name in enumerate(names)}
 
@@ -145,13 +165,16 @@ def evaluate(run_dir: str, iw_samples: int = 64, batch_size: int = 64, write: bo
         "identification_f1": None,
         "field_assignment": None,
     }
-    if config.model.model != "static":
-        scores_single = field_scores(model, xs, batch_size)
+    if model.has_transitions:  # static, betavae: no coefficients, identification n/a
+        bar.total += xs.shape[0] + x.shape[0]
+        bar.set_description_str("evaluate: identification")
+        scores_single = field_scores(model, xs, batch_size, bar)
         assignment, accuracy = match_fields(scores_single.argmax(-1).flatten(), which.flatten(),
                                             scores_single.shape[-1], len(names))
-        scores = field_scores(model, x, batch_size)
+        scores = field_scores(model, x, batch_size, bar)
         result.update(identification_accuracy=accuracy, identification_f1=_f1(scores, active, assignment),
                       field_assignment=[None if j is None else names[j] for j in assignment])
+    bar.close()
     if write:
         with open(os.path.join(run_dir, "eval.json"), "w") as f:
             json.dump(result, f, indent=2)

@@ -4,8 +4,16 @@
     torchrun --nproc_per_node=2 -m sta train ...
 
 A run directory holds ``config.json`` (the full :class:`TrainConfig`), ``metrics.jsonl`` (one JSON
-line per logged step with every ELBO term), ``checkpoints/last.pt`` (written atomically: temp
-file + ``os.replace``) and, after ``sta evaluate`` / ``sta plot``, ``eval.json`` and ``plots/``.
+line per logged step with every ELBO term; strict JSON: a NaN/Inf value is written as null),
+``checkpoints/last.pt`` (written atomically: temp file + ``os.replace``; a fresh run writes one at
+step 0) and, after ``sta evaluate`` / ``sta plot``, ``eval.json`` and ``plots/``.
+
+Non-finite steps. A step whose loss (any ELBO term) or gradient holds a NaN/Inf is skipped: no
+parameter update, logged with ``"skipped": true``. ``max_nonfinite_steps`` consecutive skipped steps
+stop the run with :class:`TrainingDiverged`, whose one-line message names the step and the first
+non-finite ELBO term (or ``gradient of <parameter>``). A checkpoint is written only from finite
+parameters, so ``checkpoints/last.pt`` is always the last good state; ``train(..., resume=True,
+update={"lr": ...})`` (``sta train --out RUN --resume --set lr=...``) continues from it.
 
 Reproducibility. The data order is a pure function of (seed, step): epoch e uses the permutation
 drawn from ``seed`` and e, and step i takes the i-th batch of it, rank r every world-th index. The
@@ -25,17 +33,26 @@ import time
 from dataclasses import asdict, dataclass, field, fields as dataclass_fields, replace
 from typing import NamedTuple, Optional
 
+from tqdm import tqdm
+
 import numpy as np
 import torch
 
 from . import distributed
 from .model import MODELS, ModelConfig, STAModel
 
-__all__ = ["TrainConfig", "PRESETS", "preset", "apply_overrides", "train", "load_run", "ConfigError"]
+__all__ = ["TrainConfig", "PRESETS", "RESUME_KEYS", "preset", "apply_overrides", "train", "load_run",
+           "ConfigError", "TrainingDiverged"]
 
 
 class ConfigError(ValueError):
     """A bad configuration (unknown preset, key or value); the CLI prints it on one line."""
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss or gradients stayed non-finite for ``max_nonfinite_steps`` consecutive steps (or an
+    update made a parameter non-finite). The message is one line: the step, the first non-finite
+    ELBO term or gradient, and the last good checkpoint, which holds finite parameters."""
 
 
 @dataclass
@@ -52,6 +69,10 @@ class TrainConfig:
     anneal_speedup: the temperature at step i is ``temperature_schedule(i * anneal_speedup)``, so a
         short run can reach the annealed regime of the authors' 100k-step schedule.
     checkpoint_every / log_every: in steps.  grad_clip: max global grad norm (None = off).
+    max_nonfinite_steps: a step with a NaN/Inf loss term or gradient is skipped (no update); this
+        many consecutive skipped steps stop the run (TrainingDiverged). 5: a one-off bad batch or
+        Gumbel sample is stepped over, while a diverged run (lr too large: every later step is NaN)
+        stops within seconds instead of training on NaN.
     device: "auto", "cpu" or "cuda".  seed: everything random derives from it.
     """
 
@@ -71,6 +92,7 @@ class TrainConfig:
     checkpoint_every: int = 250
     log_every: int = 10
     grad_clip: Optional[float] = 1000.0
+    max_nonfinite_steps: int = 5
     device: str = "cpu"
     seed: int = 0
 
@@ -79,7 +101,8 @@ class TrainConfig:
 
         if self.dataset not in DATASETS:
             raise ConfigError(f"dataset: expected one of {DATASETS}, got {self.dataset!r}")
-        for name in ("T", "num_sequences", "eval_sequences", "steps", "batch_size", "checkpoint_every", "log_every"):
+        for name in ("T", "num_sequences", "eval_sequences", "steps", "batch_size", "checkpoint_every", "log_every",
+                     "max_nonfinite_steps"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ConfigError(f"{name}: expected a positive int, got {value!r}")
@@ -337,26 +360,97 @@ def schedules(config: TrainConfig, step: int) -> Schedule:
                     step >= config.slab_start * config.steps, kl_weight)
 
 
-def train(config: TrainConfig, out: Optional[str] = None, resume: bool = False, progress: bool = True) -> STAModel:
+#: What ``train(..., resume=True, update={...})`` may change in a stored run: the optimisation knobs
+#: (the model, data, seed and schedules define the run and stay as stored).
+RESUME_KEYS = ("lr", "grad_clip", "max_nonfinite_steps", "log_every", "checkpoint_every")
+
+
+def train(config: TrainConfig, out: Optional[str] = None, resume: bool = False, progress: bool = True,
+          update: Optional[dict] = None) -> STAModel:
     """Train ``config`` (writing to run directory ``out`` when given); returns the model.
 
     resume: continue from ``out/checkpoints/last.pt`` (the stored config.json wins, except
     ``steps``, which may be raised to extend a run). Runs data-parallel when launched by torchrun.
+    update: with ``resume``, entries of the stored config to change, keys from :data:`RESUME_KEYS`
+    (e.g. ``{"lr": 1e-4}`` to continue a diverged run from its last good checkpoint).
+    Raises :class:`TrainingDiverged` after ``config.max_nonfinite_steps`` consecutive non-finite steps.
     """
     config.validate()
+    update = dict(update or {})
+    if update and not resume:
+        raise ConfigError("update: only with resume=True (set the config itself for a new run)")
+    bad = sorted(set(update) - set(RESUME_KEYS))
+    if bad:
+        raise ConfigError(f"update: {bad} cannot change when resuming; allowed: {list(RESUME_KEYS)}")
     ctx = distributed.setup(config.device)
     try:
-        return _train(config, out, resume, progress, ctx)
+        return _train(config, out, resume, progress, ctx, update)
     finally:
         distributed.teardown()
 
 
-def _train(config: TrainConfig, out, resume, progress, ctx) -> STAModel:
+def progress_bar(total: int, desc: str, enabled: bool = True, initial: int = 0) -> tqdm:
+    """A tqdm bar on stderr that draws its final state once (see :class:`_Bar`)."""
+    return _Bar(total=total, initial=initial, desc=desc, disable=not enabled, dynamic_ncols=True, file=sys.stderr,
+                bar_format="{desc} {percentage:3.0f}%|{bar:10}| {n_fmt}/{total_fmt} [{elapsed}<{remaining}{postfix}]")
+
+
+class _Bar(tqdm):
+    """tqdm draws the final state on the last ``update`` and again in ``close``: two identical lines
+    where stderr is a log or a pipe. Here the last update only counts; ``close`` draws it."""
+
+    def update(self, n=1):
+        if self.total is not None and self.n + n >= self.total:
+            self.n += n
+            return None
+        return super().update(n)
+
+
+def _short(value: float) -> str:
+    """A loss value in at most 8 characters for the progress bar: 2333, 9.5, 0.1, 4.12e+32, nan."""
+    if abs(value) >= 1e5:
+        return f"{value:.3g}"
+    return f"{value:.0f}" if abs(value) >= 100 else f"{value:.2g}"
+
+
+#: The bar shows the objective and every ELBO term (nelbo is their sum, in metrics.jsonl).
+_BAR_TERMS = ("loss", "recon", "kl_z0", "kl_path", "kl_spike", "kl_slab", "hj", "div")
+
+
+def _first_nonfinite_term(scalars: dict) -> Optional[str]:
+    """``"ELBO term recon = inf"``: the first term of :class:`~sta.model.ELBOTerms` (in its order:
+    recon, kl_z0, ..., nelbo, loss) that is NaN or infinite; None when all are finite."""
+    for name, value in scalars.items():
+        if not math.isfinite(value):
+            return f"ELBO term {name} = {value}"
+    return None
+
+
+def _first_nonfinite(named, what: str) -> Optional[str]:
+    """``"gradient of fields.W = nan"``: the first ``(name, tensor)`` of ``named`` holding a NaN/Inf
+    (``what`` says which kind of tensor); None when all are finite. One device sync."""
+    named = [(name, t) for name, t in named if t is not None and t.is_floating_point()]
+    if not named:
+        return None
+    finite = torch.stack([torch.isfinite(t).all() for _, t in named])
+    if bool(finite.all()):
+        return None
+    name, t = named[int((~finite).nonzero()[0, 0])]
+    return f"{what} {name} = {t[~torch.isfinite(t)][0].item()}"
+
+
+def _json_record(record: dict) -> str:
+    """One strict-JSON metrics line: NaN/Inf floats become null (``NaN`` is not JSON)."""
+    clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()}
+    return json.dumps(clean, allow_nan=False)
+
+
+def _train(config: TrainConfig, out, resume, progress, ctx, update) -> STAModel:
     if resume:
         if out is None or not os.path.exists(os.path.join(out, "config.json")):
             raise ConfigError(f"--resume: {out!r} is not a run directory (no config.json)")
         stored = read_config(os.path.join(out, "config.json"))
-        config = replace(stored, steps=max(config.steps, stored.steps)) if config.steps != stored.steps else stored
+        config = replace(stored, steps=max(config.steps, stored.steps), **update).validate()
     if config.batch_size % ctx.world:
         raise ConfigError(f"batch_size: {config.batch_size} is not divisible by the {ctx.world} processes")
 
@@ -366,7 +460,7 @@ def _train(config: TrainConfig, out, resume, progress, ctx) -> STAModel:
     model = STAModel(config.model).to(ctx.device)
     distributed.broadcast_parameters(model, ctx.world)
     optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
-    step = 0
+    step, elapsed = 0, 0.0
     torch.manual_seed(config.seed * 7919 + 1 + ctx.rank)
     np.random.seed((config.seed * 7919 + ctx.rank) % 2**32)
     random.seed(config.seed * 7919 + ctx.rank)
@@ -376,7 +470,10 @@ def _train(config: TrainConfig, out, resume, progress, ctx) -> STAModel:
         ckpt = load_checkpoint(ckpt_file, ctx.device)
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
+        for group in optimizer.param_groups:  # the stored groups carry the old lr; `update` may change it
+            group["lr"] = config.lr
         step = ckpt["step"]
+        elapsed = ckpt.get("elapsed", 0.0)  # metrics.jsonl `time` continues (older checkpoints: from 0)
         if len(ckpt["rng"]) != ctx.world:
             raise ConfigError(f"--resume: the checkpoint was written by {len(ckpt['rng'])} processes, "
                               f"this run has {ctx.world}")
@@ -387,18 +484,34 @@ def _train(config: TrainConfig, out, resume, progress, ctx) -> STAModel:
             json.dump(config.to_dict(), f, indent=2)
         _truncate_metrics(os.path.join(out, "metrics.jsonl"), step)
 
+    start = time.perf_counter() - elapsed
+    last_good = step if resume and ckpt_file and os.path.exists(ckpt_file) else None
+
+    def where() -> str:
+        if not out:
+            return "no run directory, nothing saved"
+        return f"last good checkpoint: {ckpt_file} (step {last_good})" if last_good is not None else "no checkpoint"
+
     def checkpoint(at: int) -> None:
+        nonlocal last_good
+        # Never replace the last good checkpoint with non-finite parameters (every rank checks: the
+        # parameters are identical, so every rank raises together).
+        bad = _first_nonfinite(model.state_dict().items(), "parameter")
+        if bad is not None:
+            raise TrainingDiverged(f"training stopped at step {at}: {bad}; {where()}")
         states = distributed.gather_objects(_rng_state(), ctx.world)
         if ctx.main and out:
             save_atomic({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": at,
-                         "rng": states, "config": config.to_dict()}, ckpt_file)
+                         "rng": states, "config": config.to_dict(),
+                         "elapsed": time.perf_counter() - start}, ckpt_file)
+        last_good = at
 
-    from tqdm import tqdm
+    if step == 0:
+        checkpoint(0)  # a run that diverges before its first periodic checkpoint still has a good one
 
-    bar = tqdm(total=config.steps, initial=step, disable=not (progress and ctx.main), dynamic_ncols=True,
-               desc=f"{config.model.model} {config.dataset}", file=sys.stderr)
+    bar = progress_bar(config.steps, f"{config.model.model} {config.dataset}", progress and ctx.main, step)
     metrics_file = open(os.path.join(out, "metrics.jsonl"), "a") if (ctx.main and out) else None
-    start = time.perf_counter()
+    nonfinite, first_nonfinite, skipped_total = 0, None, 0
     model.train()
     try:
         while step < config.steps:
@@ -408,20 +521,43 @@ def _train(config: TrainConfig, out, resume, progress, ctx) -> STAModel:
             terms = model.elbo(x, temperature=temperature, slab=slab, kl_weight=kl_weight)
             optimizer.zero_grad(set_to_none=True)
             terms.loss.backward()
-            distributed.average_gradients(model.parameters(), ctx.world)
-            if config.grad_clip:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
-            optimizer.step()
-            step += 1
             scalars = terms.scalars()
-            if metrics_file and (step % config.log_every == 0 or step == config.steps):
+            bad = _first_nonfinite_term(scalars)
+            if bad is not None and ctx.world > 1:
+                # Poison this rank's gradients so the average is NaN on every rank: all ranks then
+                # skip the same step without an extra collective (the others report the gradient).
+                for p in model.parameters():
+                    p.grad = torch.full_like(p, math.nan)
+            distributed.average_gradients(model.parameters(), ctx.world)
+            if bad is None:
+                bad = _first_nonfinite(((n, p.grad) for n, p in model.named_parameters()), "gradient of")
+            step += 1
+            if bad is None:
+                if config.grad_clip:
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+                optimizer.step()
+                nonfinite, first_nonfinite = 0, None
+                broken = _first_nonfinite(model.named_parameters(), "parameter")
+                if broken is not None:  # a finite gradient overflowed a parameter: nothing to skip
+                    raise TrainingDiverged(f"training stopped at step {step}: the update made {broken}; {where()}")
+            else:
+                optimizer.zero_grad(set_to_none=True)
+                nonfinite, skipped_total = nonfinite + 1, skipped_total + 1
+                first_nonfinite = first_nonfinite or (step, bad)
+            if metrics_file and (step % config.log_every == 0 or step == config.steps or bad is not None):
                 record = {"step": step, "time": round(time.perf_counter() - start, 3),
-                          "temperature": temperature, "slab": slab, "kl_weight": kl_weight, **scalars}
-                metrics_file.write(json.dumps(record) + "\n")
+                          "temperature": temperature, "slab": slab, "kl_weight": kl_weight,
+                          "skipped": bad is not None, **scalars}
+                metrics_file.write(_json_record(record) + "\n")
                 metrics_file.flush()
-            bar.set_postfix({k: f"{scalars[k]:.1f}" for k in ("loss", "recon", "kl_path", "kl_spike", "kl_slab")},
-                            refresh=False)
+            bar.set_postfix_str(" ".join(f"{k}={_short(scalars[k])}" for k in _BAR_TERMS)
+                                + (f" skipped={skipped_total}" if skipped_total else ""), refresh=False)
             bar.update(1)
+            if nonfinite >= config.max_nonfinite_steps:
+                at, what = first_nonfinite
+                raise TrainingDiverged(
+                    f"training stopped at step {step}: {nonfinite} consecutive non-finite steps "
+                    f"(max_nonfinite_steps={config.max_nonfinite_steps}), the first at step {at}: {what}; {where()}")
             if step % config.checkpoint_every == 0 or step == config.steps:
                 checkpoint(step)
     finally:

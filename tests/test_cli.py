@@ -49,7 +49,8 @@ def quick_run(tmp_path_factory):
 
 def test_train_writes_config_metrics_and_checkpoint(quick_run):
     cwd, run, result = quick_run
-    assert "run directory: run" in result.stdout
+    assert result.stdout.splitlines()[0] == "run directory: run"  # first, so the run can be watched
+    assert result.stdout.count("run directory:") == 1
     config = json.loads((run / "config.json").read_text())
     assert config["preset"] == "quick" and config["steps"] == 5 and config["dataset"] == "digits"
     assert config["model"]["model"] == "sta" and config["model"]["backend"] == "auto"
@@ -69,6 +70,10 @@ def test_evaluate_then_plot(quick_run):
     result = sta("evaluate", "run", "--iw-samples", "4", cwd=cwd)
     assert_ok(result)
     assert "equivariance error" in result.stdout and "identification accuracy" in result.stdout
+    frames = result.stderr.replace("\r", "\n").splitlines()  # the progress bar, one frame per redraw
+    for stage in ("ELBO", "IW bound (4 samples)", "equivariance", "identification"):
+        assert any(f"evaluate: {stage}" in f for f in frames), f"no progress for {stage}:\n{result.stderr}"
+    assert len([f for f in frames if "100%" in f]) == 1, f"the final bar line is drawn more than once:\n{result.stderr}"
     evaluation = json.loads((run / "eval.json").read_text())
     assert evaluation["step"] == 5 and evaluation["iw_samples"] == 4
 
@@ -92,11 +97,62 @@ def test_console_script_and_run_command(tmp_path):
     result = subprocess.run(cmd + ["run", "--preset", "tiny", "--steps", "3", "--out", "r", "--quiet"], cwd=str(tmp_path),
                             env=env, capture_output=True, text=True, timeout=300)
     assert_ok(result)
+    assert result.stdout.splitlines()[0] == "run directory: r"
     run = tmp_path / "r"
     for name in ["config.json", "metrics.jsonl", "eval.json", os.path.join("checkpoints", "last.pt")] + \
             [os.path.join("plots", p) for p in PLOTS]:
         assert (run / name).exists(), f"sta run did not write {name}"
     assert json.loads((run / "eval.json").read_text())["step"] == 3
+
+
+def _no_constants(name):
+    raise ValueError(f"{name} is not JSON")
+
+
+def test_diverged_training_exits_non_zero_with_one_line(tmp_path, monkeypatch, capsys):
+    """The issue's reproduction, ``sta train --preset tiny --set lr=1000``: exit status 1 and one
+    line naming the step and the first non-finite term (after the progress bar); the checkpoint on
+    disk loads with finite parameters; metrics.jsonl is strict JSON; ``--resume --set lr=...``
+    continues from the checkpoint; a --set that would change the model is refused."""
+    import torch
+
+    from sta.cli import main
+    from sta.train import load_run
+
+    result = sta("train", "--preset", "tiny", "--set", "lr=1000", "--out", "run", cwd=tmp_path)
+    assert result.returncode == 1, f"exit {result.returncode}: {result.stderr[-2000:]}"
+    lines = result.stderr.strip().splitlines()
+    assert "Traceback" not in result.stderr and sum("error" in line for line in lines) == 1, result.stderr
+    assert lines[-1].startswith("sta train: error: training stopped at step "), lines[-1]
+    assert "consecutive non-finite steps" in lines[-1] and "the first at step 2: ELBO term " in lines[-1]
+    assert lines[-1].endswith(f"last good checkpoint: {os.path.join('run', 'checkpoints', 'last.pt')} (step 0)")
+
+    _, model, ckpt = load_run(str(tmp_path / "run"))
+    assert ckpt["step"] == 0 and all(torch.isfinite(v).all() for v in model.state_dict().values())
+    text = (tmp_path / "run" / "metrics.jsonl").read_text()
+    metrics = [json.loads(line, parse_constant=_no_constants) for line in text.splitlines()]
+    assert metrics[0]["skipped"] is False and metrics[-1]["skipped"] is True and metrics[-1]["loss"] is None
+
+    monkeypatch.chdir(tmp_path)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        code = main(["train", "--preset", "tiny", "--set", "lr=1000", "--out", "again", "--quiet"])
+        captured = capsys.readouterr()
+        assert code == 1 and len(captured.err.strip().splitlines()) == 1, captured.err  # --quiet: only the line
+
+        code = main(["train", "--out", "run", "--resume", "--set", "model.latent=8", "--quiet"])
+        captured = capsys.readouterr()
+        assert_user_error(subprocess.CompletedProcess([], code, captured.out, captured.err),
+                          "--set: ['model'] cannot change when resuming a run")
+        assert main(["train", "--out", "run", "--resume", "--set", "lr=0.003", "--quiet"]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    _, model, ckpt = load_run("run")
+    assert ckpt["step"] == 20 and all(torch.isfinite(v).all() for v in model.state_dict().values())
+    metrics = [json.loads(line, parse_constant=_no_constants) for line in open("run/metrics.jsonl")]
+    assert [m["step"] for m in metrics] == list(range(1, 21)) and not any(m["skipped"] for m in metrics)
+    assert json.loads(open("run/config.json").read())["lr"] == 0.003
 
 
 BAD = [

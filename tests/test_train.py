@@ -18,8 +18,8 @@ import torch
 
 import sta.ops
 from sta.backends import all_backends
-from sta.train import (ConfigError, apply_overrides, batch_indices, checkpoint_path, load_run, preset,
-                       save_atomic, schedules, train)
+from sta.train import (ConfigError, TrainingDiverged, apply_overrides, batch_indices, checkpoint_path, load_run,
+                       preset, save_atomic, schedules, train)
 from tests.tolerances import TRAINING, assert_close
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -34,9 +34,22 @@ def tiny(**overrides):
     return apply_overrides(config, [f"{k}={json.dumps(v)}" for k, v in overrides.items()])
 
 
+def _no_constants(name):
+    raise ValueError(f"metrics.jsonl holds {name}, which is not JSON")
+
+
 def read_metrics(run_dir):
+    """Every line of metrics.jsonl, parsed as strict JSON (NaN / Infinity tokens raise)."""
     with open(os.path.join(run_dir, "metrics.jsonl")) as f:
-        return [json.loads(line) for line in f if line.strip()]
+        return [json.loads(line, parse_constant=_no_constants) for line in f if line.strip()]
+
+
+def assert_finite_checkpoint(run_dir, step):
+    """The checkpoint on disk loads, is at ``step`` and holds only finite parameters and buffers."""
+    _, model, ckpt = load_run(run_dir)
+    assert ckpt["step"] == step
+    for name, value in model.state_dict().items():
+        assert torch.isfinite(value).all(), f"non-finite {name} in the checkpoint"
 
 
 def subprocess_env():
@@ -146,7 +159,9 @@ def test_sigkill_then_resume_matches_uninterrupted_run(tmp_path):
     proc = subprocess.Popen(cmd, cwd=str(tmp_path), env=subprocess_env(), stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE)
     deadline = time.monotonic() + 120
-    while not os.path.exists(ckpt) and proc.poll() is None and time.monotonic() < deadline:
+    while proc.poll() is None and time.monotonic() < deadline:  # until a checkpoint after step 0
+        if os.path.exists(ckpt) and torch.load(ckpt, weights_only=False)["step"] > 0:
+            break
         time.sleep(0.005)
     proc.send_signal(signal.SIGKILL)
     _, err = proc.communicate()
@@ -186,7 +201,8 @@ def test_resume_in_process_continues_exactly(tmp_path):
 
     def crash_after_save(obj, path):
         original(obj, path)
-        raise Crash  # dies right after the step-10 checkpoint is on disk
+        if obj["step"] == 10:
+            raise Crash  # dies right after the step-10 checkpoint is on disk
 
     train_module.save_atomic = crash_after_save
     try:
@@ -263,6 +279,146 @@ def test_kl_warmup_is_logged_and_reaches_one(tmp_path):
     train(tiny(steps=10, kl_warmup=0.5), str(tmp_path), progress=False)
     weights = [m["kl_weight"] for m in read_metrics(str(tmp_path))]
     assert weights == [min(1.0, s / 5) for s in range(10)]
+
+
+# ----------------------------------------------------------------------------------------------
+# Non-finite steps: skipped, then the run stops; the checkpoint stays good; resume works
+# ----------------------------------------------------------------------------------------------
+
+def poison_batches(monkeypatch, bad_steps):
+    """The training batches of the 0-based loop steps ``bad_steps`` become one NaN sequence (an extra
+    training sequence that no other step draws), so their loss is NaN from the first ELBO term."""
+    import sta.train as train_module
+
+    real_load, real_indices = train_module.load_data, train_module.batch_indices
+
+    def load_data(config, split="train", **kwargs):
+        x, ds = real_load(config, split, **kwargs)
+        return (torch.cat([x, torch.full_like(x[:1], float("nan"))]) if split == "train" else x), ds
+
+    def indices(step, n, *args, **kwargs):
+        idx = real_indices(step, n - 1, *args, **kwargs)
+        return torch.full_like(idx, n - 1) if step in bad_steps else idx
+
+    monkeypatch.setattr(train_module, "load_data", load_data)
+    monkeypatch.setattr(train_module, "batch_indices", indices)
+
+
+def test_a_nonfinite_step_is_skipped_and_logged_as_null(tmp_path, monkeypatch):
+    """Two isolated NaN batches (steps 3 and 6): both skipped, the run completes with finite
+    parameters, metrics.jsonl is strict JSON with null for the NaN terms."""
+    poison_batches(monkeypatch, {2, 5})
+    run_dir = str(tmp_path / "run")
+    train(tiny(steps=12), run_dir, progress=False)
+    metrics = read_metrics(run_dir)
+    assert [m["step"] for m in metrics] == list(range(1, 13))
+    assert [m["step"] for m in metrics if m["skipped"]] == [3, 6]
+    for m in metrics:
+        assert (m["recon"] is None and m["loss"] is None) == m["skipped"], m
+    assert_finite_checkpoint(run_dir, 12)
+
+
+def test_consecutive_nonfinite_steps_stop_the_run_and_keep_the_last_good_checkpoint(tmp_path, monkeypatch):
+    """NaN batches from step 12 on, max_nonfinite_steps=3: the run stops at step 14 with one line;
+    checkpoints/last.pt stays the step-10 one; resuming from it (clean data) gives the parameters of
+    an uninterrupted run."""
+    full = train(tiny(steps=20), str(tmp_path / "full"), progress=False)
+    with monkeypatch.context() as patch:
+        poison_batches(patch, set(range(11, 20)))
+        run_dir = str(tmp_path / "run")
+        with pytest.raises(TrainingDiverged) as err:
+            train(tiny(steps=20, max_nonfinite_steps=3), run_dir, progress=False)
+    message = str(err.value)
+    assert "\n" not in message
+    assert message == (f"training stopped at step 14: 3 consecutive non-finite steps (max_nonfinite_steps=3), "
+                       f"the first at step 12: ELBO term recon = nan; last good checkpoint: "
+                       f"{checkpoint_path(run_dir)} (step 10)")
+    assert_finite_checkpoint(run_dir, 10)
+    assert [m["step"] for m in read_metrics(run_dir) if m["skipped"]] == [12, 13, 14]
+    resumed = train(tiny(steps=20), run_dir, resume=True, progress=False)
+    for name, value in full.state_dict().items():
+        assert_close(resumed.state_dict()[name], value, tol=TRAINING, what=f"resumed {name}")
+    assert [m["step"] for m in read_metrics(run_dir)] == list(range(1, 21))
+
+
+def test_a_nonfinite_gradient_is_named(tmp_path, monkeypatch):
+    """A finite loss with a NaN gradient (injected after the gradient averaging) is skipped too,
+    and the message names the parameter."""
+    import sta.distributed
+
+    real = sta.distributed.average_gradients
+    calls = []
+
+    def average_gradients(params, world):
+        params = list(params)
+        real(params, world)
+        calls.append(1)
+        if len(calls) >= 3:
+            params[1].grad[0] = float("nan")
+
+    monkeypatch.setattr(sta.distributed, "average_gradients", average_gradients)
+    with pytest.raises(TrainingDiverged, match=r"at step 4: 2 consecutive non-finite steps .*the first at step 3: "
+                                               r"gradient of \S+ = nan; last good checkpoint: .* \(step 0\)$"):
+        train(tiny(steps=20, max_nonfinite_steps=2), str(tmp_path / "run"), progress=False)
+    assert_finite_checkpoint(str(tmp_path / "run"), 0)
+
+
+def test_an_update_that_breaks_a_parameter_stops_at_once(tmp_path, monkeypatch):
+    """A finite gradient that overflows a parameter cannot be skipped: the run stops at that step
+    and the checkpoint on disk (step 10) keeps its finite parameters."""
+    real_step = torch.optim.Adam.step
+    calls = []
+
+    def step(self, *args, **kwargs):
+        out = real_step(self, *args, **kwargs)
+        calls.append(1)
+        if len(calls) == 12:
+            with torch.no_grad():
+                self.param_groups[0]["params"][0].fill_(float("inf"))
+        return out
+
+    monkeypatch.setattr(torch.optim.Adam, "step", step)
+    run_dir = str(tmp_path / "run")
+    with pytest.raises(TrainingDiverged, match=r"^training stopped at step 12: the update made parameter \S+ = inf; "
+                                               r"last good checkpoint: .* \(step 10\)$"):
+        train(tiny(steps=20), run_dir, progress=False)
+    assert_finite_checkpoint(run_dir, 10)
+
+
+def test_a_diverged_run_resumes_with_a_smaller_lr(tmp_path):
+    """lr=1000 diverges within a few steps (the issue's reproduction); the step-0 checkpoint is the
+    last good one, and resuming it with ``update={"lr": 3e-3}`` is the run that used 3e-3 from the start."""
+    run_dir = str(tmp_path / "run")
+    with pytest.raises(TrainingDiverged, match=r"ELBO term \w+ = (nan|inf|-inf); last good checkpoint: .*\(step 0\)"):
+        train(tiny(lr=1000.0), run_dir, progress=False)
+    assert_finite_checkpoint(run_dir, 0)
+    assert any(m["skipped"] for m in read_metrics(run_dir))
+    resumed = train(tiny(), run_dir, resume=True, progress=False, update={"lr": 3e-3})
+    assert json.load(open(os.path.join(run_dir, "config.json")))["lr"] == 3e-3
+    fresh = train(tiny(), str(tmp_path / "fresh"), progress=False)
+    for name, value in fresh.state_dict().items():
+        assert_close(resumed.state_dict()[name], value, tol=TRAINING, what=f"resumed {name}")
+    with pytest.raises(ConfigError, match=r"update: \['model'\] cannot change when resuming"):
+        train(tiny(), run_dir, resume=True, progress=False, update={"model": {}})
+    with pytest.raises(ConfigError, match="update: only with resume=True"):
+        train(tiny(), str(tmp_path / "other"), progress=False, update={"lr": 1e-3})
+
+
+def test_metrics_time_continues_after_resume(tmp_path):
+    run_dir = str(tmp_path / "run")
+    train(tiny(steps=10), run_dir, progress=False)
+    train(tiny(steps=20), run_dir, resume=True, progress=False)
+    times = [m["time"] for m in read_metrics(run_dir)]
+    assert len(times) == 20 and times == sorted(times) and times[10] > times[9] > 0, times
+
+
+def test_progress_bar_draws_the_final_line_once_with_every_term(tmp_path, capsys):
+    train(tiny(steps=5), str(tmp_path / "run"), progress=True)
+    lines = [line for line in capsys.readouterr().err.replace("\r", "\n").splitlines() if line.strip()]
+    final = [line for line in lines if "5/5" in line]
+    assert len(final) == 1, lines
+    for term in ("loss", "recon", "kl_z0", "kl_path", "kl_spike", "kl_slab", "hj", "div"):
+        assert f" {term}=" in final[0], final[0]
 
 
 def test_bad_resume_and_config_errors(tmp_path):
