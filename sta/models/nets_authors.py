@@ -136,6 +136,9 @@ class AuthorsPosterior(nn.Module):
         head = _BlockLinear(width, out_features, self.num_spike) if self.num_spike else nn.Linear(width, out_features)
         self.mlp = nn.Sequential(head)
         _init(self)
+        if self.num_spike:
+            with torch.no_grad():  # the off blocks are never read: hold them at 0, not at random values
+                head.weight.mul_(head.mask)
 
     def forward(self, pairs: Tensor) -> Tensor:
         h = self.slab(pairs)
