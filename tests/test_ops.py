@@ -8,7 +8,7 @@ import torch
 
 import sta
 from sta import backends
-from tests.tolerances import assert_close
+from tests.tolerances import assert_close, assert_same_nonfinite
 
 ALL = sta.OUTPUT_NAMES
 
@@ -216,8 +216,110 @@ def _valid():
 def test_bad_input_names_the_argument(change, error, argument):
     kwargs = _valid()
     kwargs.update(change)
-    with pytest.raises(error, match=f"^{argument}:"):
+    with pytest.raises(error, match=f"^{argument}:") as info:
         sta.flow_step(**kwargs)
+    assert type(info.value) is error  # not an OverflowError or another subclass
+
+
+# ---------------------------------------------------------------------------------------------
+# Non-finite policy (flow_step docstring): the same on every backend that runs on this machine.
+# ---------------------------------------------------------------------------------------------
+
+CPU_BACKENDS = ("torch", "cpu", "triton")  # triton: the interpreter (tests/conftest.py)
+NAN, INF = float("nan"), float("inf")
+
+
+def _require(backend, dtype=torch.float32):
+    request = backends.StepRequest(torch.device("cpu"), dtype, 5, 4, 3, 2, 2, "hamiltonian",
+                                   frozenset({"z", "div"}), True)
+    reasons = backends.get_backend(backend).why_not(request)
+    if reasons:
+        pytest.skip(f"{backend} cannot run here: " + "; ".join(reasons))
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("rotational", ["hamiltonian", "mlp"])
+def test_nan_parameters_of_a_field_no_sample_uses_change_nothing(backend, rotational):
+    """Issue 15: NaN in every parameter of field 1, which no sample uses, gave NaN gradients on cpu
+    (W, a), triton (W) and torch (t, and P of a hamiltonian field). Outputs and every gradient
+    must be exactly those of the same bank with finite parameters in field 1, whose own gradients
+    are exactly 0."""
+    _require(backend)
+    bank = _bank(D=4, H=3, rotational=rotational, dtype=torch.float32)
+    z = torch.randn(5, 4)
+    g = torch.rand(5, 2) + 0.5
+    g[:, 1] = 0
+
+    def run(values):
+        with torch.no_grad():
+            for p in bank.parameters():
+                p[1] = values
+        zz, t, gg = z.clone().requires_grad_(), torch.tensor(0.3, requires_grad=True), g.clone().requires_grad_()
+        out = sta.flow_step(zz, t, gg, gg, bank, outputs=ALL, backend=backend)
+        loss = sum(o.square().sum() for o in out)
+        grads = torch.autograd.grad(loss, [zz, t, gg, *bank.parameters()], allow_unused=True)
+        return out, [torch.zeros(()) if gr is None else gr for gr in grads]
+
+    out_nan, grads_nan = run(NAN)
+    out_ok, grads_ok = run(0.25)
+    for name in ALL:
+        assert torch.equal(getattr(out_nan, name), getattr(out_ok, name)), name
+    for (name, _), gr in zip([("z", 0), ("t", 0), ("g", 0)] + list(bank.named_parameters()), grads_nan):
+        assert torch.isfinite(gr).all(), f"{name}: non-finite gradient"
+    for gr_nan, gr_ok in zip(grads_nan, grads_ok):
+        assert torch.equal(gr_nan, gr_ok)
+    for (name, _), gr in zip(bank.named_parameters(), grads_nan[3:]):
+        assert gr.dim() == 0 or gr[1].abs().max().item() == 0.0, f"{name}[1] got a gradient"
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # the Triton interpreter's numpy
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("where", ["z", "g", "t", "parameter"])
+@pytest.mark.parametrize("value", [NAN, INF], ids=["nan", "inf"])
+def test_nonfinite_inputs_propagate_like_the_reference(backend, where, value):
+    """NaN/Inf in z, g, a tensor t or an active field's parameters is not checked: every backend
+    gives the reference's NaN/Inf pattern, and rows it does not touch stay finite and equal."""
+    _require(backend)
+    bank = _bank(D=4, H=3, dtype=torch.float32)
+    z = torch.randn(5, 4)
+    g_pot = torch.tensor([[1.0, 0], [0, 0.5], [0, 0], [0.3, -2], [0, 0]])
+    g_rot = torch.tensor([[0, 0], [1.0, 0], [0, 0], [0.5, 0.5], [0, 0]])
+    t = torch.tensor(0.2)
+    if where == "z":
+        z[1, 2] = value
+        z[2, 0] = value  # a row with no active field: z_next keeps it, div stays 0
+    elif where == "g":
+        g_pot[0, 0] = value
+        g_pot[4, 1] = value  # NaN != 0: the pair is active
+    elif where == "t":
+        t = torch.tensor(value)
+    else:
+        with torch.no_grad():
+            bank.potential.W[1, 0, 0] = value  # field 1 is active in rows 1 and 3
+    want = sta.flow_step(z, t, g_pot, g_rot, bank, outputs=ALL, backend="torch")
+    got = sta.flow_step(z, t, g_pot, g_rot, bank, outputs=ALL, backend=backend)
+    for name in ALL:
+        assert_same_nonfinite(getattr(got, name), getattr(want, name), torch.float32, what=name)
+    if where != "t":  # row 2 has no active field and no non-finite coefficient
+        torch.testing.assert_close(got.z[2], z[2], rtol=0, atol=0, equal_nan=True)
+        assert got.div[2].item() == 0.0
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_large_dt_times_zero_is_zero(backend):
+    """dt*0 is 0: dt = 1e300 is finite in float64, so rows with no active field keep z exactly;
+    in float32 it would be Inf (and Inf * 0 = NaN), so it is refused naming dt."""
+    dtype = torch.float64 if backend != "triton" else torch.float32
+    _require(backend, dtype)
+    bank = _bank(dtype=dtype)
+    z = torch.randn(3, 4, dtype=dtype)
+    g = torch.tensor([[0.0, 0.0], [1.0, 0.0], [0.0, 0.0]], dtype=dtype)
+    dt = 1e300 if dtype == torch.float64 else 1e38
+    out = sta.flow_step(z, 0.0, g, g, bank, dt=dt, backend=backend)
+    assert torch.equal(out.z[0], z[0]) and torch.equal(out.z[2], z[2])
+    assert torch.equal(out.div[[0, 2]], torch.zeros(2, dtype=dtype))
+    with pytest.raises(ValueError, match="^dt:.*not finite in float32"):
+        sta.flow_step(z.float(), 0.0, g.float(), g.float(), bank.float(), dt=1e300, backend=backend)
 
 
 def test_mixed_parameter_dtype_or_device_is_rejected():

@@ -25,6 +25,9 @@ PARITY = {
 ORACLE = (1e-10, 1e-12)
 #: symmetry / trace identities, float64
 IDENTITY_ATOL = 1e-12
+#: Triton "tf32" products, emulated on the CPU (operands rounded to 10 mantissa bits, unit
+#: roundoff 2^-11 = 4.9e-4 per operand) vs the float64 reference, small shapes (H <= 19)
+TF32 = (5e-3, 1e-5)
 #: flash-attention rule for bf16/fp16
 LOW_PRECISION_FACTOR = 2.0
 LOW_PRECISION_FLOOR = {torch.bfloat16: 1e-3, torch.float16: 1e-4}
@@ -67,3 +70,14 @@ def assert_low_precision(kernel_out, reference_lowp_out, reference_fp64_out, dty
     err_ref = (reference_lowp_out.detach().double() - e).abs().max().item()
     bound = LOW_PRECISION_FACTOR * err_ref + LOW_PRECISION_FLOOR[dtype]
     assert err_kernel <= bound, f"{what}: {dtype} error {err_kernel:.3e} > {bound:.3e} (reference {err_ref:.3e})"
+
+
+def assert_same_nonfinite(actual, expected, dtype=None, what: str = "") -> None:
+    """Same NaN and +-Inf positions (the non-finite policy: backends propagate like the reference),
+    and the finite entries within the tolerance of ``dtype``."""
+    assert actual.shape == expected.shape, f"{what}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+    a, e = actual.detach(), expected.detach()
+    for name, test in (("NaN", torch.isnan), ("+Inf", torch.isposinf), ("-Inf", torch.isneginf)):
+        assert torch.equal(test(a), test(e)), f"{what}: {name} at different positions"
+    finite = torch.isfinite(e)
+    assert_close(a[finite], e[finite], dtype or expected.dtype, what=what)
