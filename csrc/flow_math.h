@@ -3,9 +3,32 @@
 //
 // Plain C++ / CUDA: no torch headers. Indices are int64. Every function is STA_HOST_DEVICE.
 //
-// Vocabulary (one field k, one active pair p = (b, k) with coefficient w = g[b, k]):
-//   x = z[b]: (D,)   h = W_k x + c_k: (H,)   s = tanh(h)
-//   s1 = 1 - s^2,  s2 = -2 s s1,  s3 = -2 s1 (1 - 3 s^2)        (d/dh of s, s1, s2)
+// Names: one table for all of csrc (this file, the shared host pipeline flow_step_pipeline.h, the
+// CPU and CUDA launchers, the op schemas in csrc/README.md). One field k; one active pair
+// p = (b, k) with coefficient w = g[b, k]; P = the number of active pairs.
+//
+//   name          quantity                                                  shape
+//   z, g          latents; field coefficients (pair (b, k) active iff g != 0)  (B, D), (B, K)
+//   W, c          first layer of a field, h = W_k x + c_k (c = b + e(t))       (K, H, D), (K, H)
+//   a, de         hidden-unit output weights; dc/dt (potential, hamiltonian)  (K, H)
+//   W1, c1, W2, b2  the two layers of an mlp field        (K, H, D), (K, H), (K, D, H), (K, D)
+//   wn            |W_kj|^2, the Laplacian weights (potential)                (K, H)
+//   M             A W^T, the hamiltonian output matrix: r = M q              (K, D, H)
+//   C             curl matrix G - N o N^T with G = (M^T M) o (W W^T), N = W M  (K, H, H)
+//                 (sta.reference.hamiltonian_curl_matrices); Csym = C + C^T
+//   Pdiv          divergence matrix W2 o W1^T of an mlp field (o: elementwise)  (K, D, H)
+// Per-pair buffers (row p = pair p):
+//   X             z[b]                                                      (P, D)
+//   S             s = tanh(h); s1 = 1 - s^2, s2 = -2 s s1, s3 = -2 s1 (1 - 3 s^2)  (P, H)
+//   Q             q = a s1                                                  (P, H)
+//   V             velocity rows: W^T q (potential), M q (hamiltonian)       (P, D)
+//   R             r = tanh(W2 s + b2), the mlp velocity rows                (P, D)
+//   Dm            d = a s2, the curl energy is d^T C d                      (P, H)
+//   T             d^T C (forward), Csym d (backward)                        (P, H)
+//   E             Pdiv ds1 with ds1 = 1 - s^2 (mlp divergence)              (P, D)
+//   G             gathered grad_velocity rows                               (P, D)
+//   GQ, GS, GZ    gradients on q (then h), on s, on x                       (P, H), (P, H), (P, D)
+//   gw            dL/dw, one per pair (-> grad_g)                           (P,)
 //
 // Data layout shared by the CPU and CUDA launchers (see csrc/README.md for the op schemas):
 //   * the active pairs are sorted by field: pair p has sample pair_sample[p] and field
@@ -328,6 +351,48 @@ STA_HOST_DEVICE STA_INLINE void potential_bwd_body(int64_t p, const PotentialBwd
   A.gw[p] = scalar_t(gw0 + gd * lap);
 }
 
+/// Field parameters of the potential backward, one row i = (k, j) of (K, H), from the per-field
+/// sums over the pairs of field k (sums[k] = [sum GH, sum A2, sum A3, sum A4], see above):
+///   grad_c = sum GH,  grad_a = sum A4 + wn sum A2 + de sum A3,  grad_de = a sum A3,
+///   grad_W[k, j, :] = 2 a sum A2 W[k, j, :]      (lap depends on |W_kj|^2; the pair products
+///                                                  grad_W += ... are added by the launcher)
+/// A field with no active pair gets exact zeros whatever its parameters hold (a NaN in W, a, de
+/// of an unused field must not turn 0 * NaN into a NaN gradient).
+template <typename scalar_t>
+struct PotentialParamArgs {
+  const scalar_t* sums;        // (K, 4, H)
+  const scalar_t* W;           // (K, H, D)
+  const scalar_t* a;           // (K, H)
+  const scalar_t* de;          // (K, H)
+  const scalar_t* wn;          // (K, H)
+  const int64_t* offsets;      // (K + 1,) pair segments
+  scalar_t* grad_W;            // (K, H, D) out: the |W|^2 term
+  scalar_t* grad_c;            // (K, H) out
+  scalar_t* grad_a;            // (K, H) out
+  scalar_t* grad_de;           // (K, H) out
+  int64_t H, D;
+};
+template <typename scalar_t>
+STA_HOST_DEVICE STA_INLINE void potential_param_body(int64_t i, const PotentialParamArgs<scalar_t>& A) {
+  using acc = acc_t<scalar_t>;
+  const int64_t k = i / A.H, j = i - k * A.H;
+  scalar_t* gW = A.grad_W + i * A.D;
+  if (A.offsets[k + 1] == A.offsets[k]) {
+    A.grad_c[i] = A.grad_a[i] = A.grad_de[i] = scalar_t(0);
+    for (int64_t d = 0; d < A.D; ++d) gW[d] = scalar_t(0);
+    return;
+  }
+  const scalar_t* sums = A.sums + k * 4 * A.H + j;
+  const acc sGH = sums[0], sA2 = sums[A.H], sA3 = sums[2 * A.H], sA4 = sums[3 * A.H];
+  const acc a = A.a[i];
+  A.grad_c[i] = scalar_t(sGH);
+  A.grad_a[i] = scalar_t(sA4 + acc(A.wn[i]) * sA2 + acc(A.de[i]) * sA3);
+  A.grad_de[i] = scalar_t(a * sA3);
+  const scalar_t scale = scalar_t(acc(2) * a * sA2);
+  const scalar_t* w = A.W + i * A.D;
+  for (int64_t d = 0; d < A.D; ++d) gW[d] = w[d] * scale;
+}
+
 // =============================================================================================
 // Hamiltonian rotational fields (docs/maths.md 1.2, 1.3): r = M_k (a s1), M_k = A_k W_k^T: (D, H)
 // =============================================================================================
@@ -412,7 +477,7 @@ STA_HOST_DEVICE STA_INLINE void hamiltonian_bwd_body(int64_t p, const Hamiltonia
 
 // =============================================================================================
 // MLP rotational fields (docs/maths.md 1.2): r = tanh(W2 tanh(W1 x + c1) + b2), exact divergence
-// div = sum_i r1_i [Pm ds1]_i with Pm = W2 o W1^T: (D, H), r1 = 1 - r^2, ds1 = 1 - s^2
+// div = sum_i r1_i [Pdiv ds1]_i with Pdiv = W2 o W1^T: (D, H), r1 = 1 - r^2, ds1 = 1 - s^2
 // =============================================================================================
 
 /// Forward epilogue over H of one pair: ds1 = 1 - s^2 (only needed for the divergence).
@@ -429,7 +494,7 @@ STA_HOST_DEVICE STA_INLINE void mlp_hidden_body(int64_t p, const MlpHiddenArgs<s
   for (int64_t j = 0; j < A.H; ++j) o[j] = tanh_d1(s[j]);
 }
 
-/// Forward epilogue over D of one pair, after r = tanh(h2) and E = ds1 Pm^T (E == nullptr: no div):
+/// Forward epilogue over D of one pair, after r = tanh(h2) and E = ds1 Pdiv^T (E == nullptr: no div):
 ///   div[p] = sum_i (1 - r_i^2) E_i
 template <typename scalar_t>
 struct MlpFwdArgs {
@@ -459,7 +524,7 @@ template <typename scalar_t>
 struct MlpBwdOutArgs {
   const scalar_t* r;           // (P, D) tanh(h2)
   scalar_t* G;                 // (P, D) in: grad_velocity rows; out: dL/dh2
-  scalar_t* E;                 // (P, D) in: ds1 Pm^T; out: dL/dE (nullptr: no div)
+  scalar_t* E;                 // (P, D) in: ds1 Pdiv^T; out: dL/dE (nullptr: no div)
   scalar_t* gw;                // (P,) out
   const int64_t* pair_sample;  // (P,)
   const int64_t* pair_field;   // (P,)
@@ -494,7 +559,7 @@ STA_HOST_DEVICE STA_INLINE void mlp_bwd_out_body(int64_t p, const MlpBwdOutArgs<
   A.gw[p] = scalar_t(gw + gd * div);
 }
 
-/// Backward epilogue over H of one pair, after GS = GH2 W2 and GDS = GE Pm:
+/// Backward epilogue over H of one pair, after GS = GH2 W2 and GDS = GE Pdiv:
 ///   GH1 = GS ds1 + GDS (-2 s ds1)      (written over GS; GDS == nullptr: no div)
 template <typename scalar_t>
 struct MlpBwdHiddenArgs {
@@ -516,6 +581,34 @@ STA_HOST_DEVICE STA_INLINE void mlp_bwd_hidden_body(int64_t p, const MlpBwdHidde
     GS[j] = scalar_t(t);
   }
 }
+
+// =============================================================================================
+// The row bodies and their argument structs, listed once: ``run_row(i, args)`` picks the body by
+// the type of ``args`` (each body has its own struct), so a launcher is written once for all of
+// them (csrc/flow_step_pipeline.h: CPU at::parallel_for; csrc/cuda/flow_step.cu: one kernel
+// template, instantiated from this list).
+// =============================================================================================
+#define STA_FLOW_ROW_BODIES(X)                    \
+  X(pair_sum_body, PairSumArgs)                   \
+  X(pair_scatter_body, PairScatterArgs)           \
+  X(row_dot_body, RowDotArgs)                     \
+  X(potential_fwd_body, PotentialFwdArgs)         \
+  X(potential_combine_body, PotentialCombineArgs) \
+  X(potential_bwd_v_body, PotentialBwdVArgs)      \
+  X(potential_bwd_body, PotentialBwdArgs)         \
+  X(potential_param_body, PotentialParamArgs)     \
+  X(hamiltonian_fwd_body, HamiltonianFwdArgs)     \
+  X(hamiltonian_bwd_body, HamiltonianBwdArgs)     \
+  X(mlp_hidden_body, MlpHiddenArgs)               \
+  X(mlp_fwd_body, MlpFwdArgs)                     \
+  X(mlp_bwd_out_body, MlpBwdOutArgs)              \
+  X(mlp_bwd_hidden_body, MlpBwdHiddenArgs)
+
+#define STA_DEFINE_RUN_ROW(BODY, ARGS)                                                       \
+  template <typename scalar_t>                                                               \
+  STA_HOST_DEVICE STA_INLINE void run_row(int64_t i, const ARGS<scalar_t>& args) { BODY(i, args); }
+STA_FLOW_ROW_BODIES(STA_DEFINE_RUN_ROW)
+#undef STA_DEFINE_RUN_ROW
 
 }  // namespace math
 }  // namespace sta

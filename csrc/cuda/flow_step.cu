@@ -1,7 +1,8 @@
 // CUDA kernels of the fused sparse flow step (docs/maths.md 2): routing of the active pairs, grouped
 // products over the per-field pair segments, the elementwise epilogues of csrc/flow_math.h (the
 // same bodies as the CPU backend, in grid-stride loops), and the per-sample combination.
-// The binding (flow_step_binding.cpp) strings them together exactly like csrc/cpu/flow_step.cpp.
+// The host pipeline that strings them together is csrc/flow_step_pipeline.h, shared with the CPU
+// backend; flow_step_binding.cpp is its CUDA device policy.
 //
 // CUDA runtime headers and flow_math.h only; launchers take raw pointers, int64 sizes and the
 // stream as an integer, so this file compiles with plain nvcc against any torch (checked by
@@ -295,22 +296,13 @@ __global__ void segment_colsum_kernel(const T* __restrict__ X,             // (c
 // per block so the few hundred pairs of a typical step spread over several SMs.
 constexpr int kRowThreads = 64;
 
-template <typename Op, typename Args>
+template <typename Args>
 __global__ void __launch_bounds__(kRowThreads)
     rows_kernel(const Args args, const int64_t* __restrict__ n_dev, int64_t n_max) {
   const int64_t n = n_dev ? *n_dev : n_max;
   const int64_t step = static_cast<int64_t>(gridDim.x) * blockDim.x;
-  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += step) Op::run(i, args);
-}
-
-template <typename Op, typename Args>
-int launch_rows(const Args& args, const int64_t* n_dev, int64_t n_max, int64_t stream) {
-  if (n_max <= 0) return cudaSuccess;
-  // 65535 blocks cap the grid; the grid-stride loop covers any larger n_max.
-  const int64_t blocks = ceil_div(n_max, kRowThreads);
-  rows_kernel<Op, Args><<<static_cast<unsigned>(blocks < 65535 ? blocks : 65535), kRowThreads, 0, as_stream(stream)>>>(
-      args, n_dev, n_max);
-  return static_cast<int>(cudaGetLastError());
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += step)
+    sta::math::run_row(i, args);
 }
 
 }  // namespace
@@ -388,35 +380,24 @@ STA_CUDA_INSTANTIATE(float)
 STA_CUDA_INSTANTIATE(double)
 #undef STA_CUDA_INSTANTIATE
 
-// Each flow_math.h body: a functor the rows kernel calls, its launcher, float and double.
-#define STA_CUDA_ROWS_DEF(BODY, ARGS)                                                                        \
-  namespace {                                                                                                \
-  struct BODY##_op {                                                                                         \
-    template <typename T>                                                                                    \
-    __device__ static void run(int64_t i, const sta::math::ARGS<T>& a) { sta::math::BODY(i, a); }            \
-  };                                                                                                         \
-  }                                                                                                          \
-  template <typename T>                                                                                      \
-  int BODY##_rows(const sta::math::ARGS<T>& args, const int64_t* n_dev, int64_t n_max, int64_t stream) {     \
-    return launch_rows<BODY##_op>(args, n_dev, n_max, stream);                                               \
-  }                                                                                                          \
-  template int BODY##_rows<float>(const sta::math::ARGS<float>&, const int64_t*, int64_t, int64_t);          \
-  template int BODY##_rows<double>(const sta::math::ARGS<double>&, const int64_t*, int64_t, int64_t);
+template <typename Args>
+int launch_rows(const Args& args, const int64_t* n_dev, int64_t n_max, int64_t stream) {
+  if (n_max <= 0) return cudaSuccess;
+  // 65535 blocks cap the grid; the grid-stride loop covers any larger n_max.
+  const int64_t blocks = ceil_div(n_max, kRowThreads);
+  rows_kernel<Args><<<static_cast<unsigned>(blocks < 65535 ? blocks : 65535), kRowThreads, 0, as_stream(stream)>>>(
+      args, n_dev, n_max);
+  return static_cast<int>(cudaGetLastError());
+}
 
-STA_CUDA_ROWS_DEF(pair_sum_body, PairSumArgs)
-STA_CUDA_ROWS_DEF(pair_scatter_body, PairScatterArgs)
-STA_CUDA_ROWS_DEF(row_dot_body, RowDotArgs)
-STA_CUDA_ROWS_DEF(potential_fwd_body, PotentialFwdArgs)
-STA_CUDA_ROWS_DEF(potential_combine_body, PotentialCombineArgs)
-STA_CUDA_ROWS_DEF(potential_bwd_v_body, PotentialBwdVArgs)
-STA_CUDA_ROWS_DEF(potential_bwd_body, PotentialBwdArgs)
-STA_CUDA_ROWS_DEF(hamiltonian_fwd_body, HamiltonianFwdArgs)
-STA_CUDA_ROWS_DEF(hamiltonian_bwd_body, HamiltonianBwdArgs)
-STA_CUDA_ROWS_DEF(mlp_hidden_body, MlpHiddenArgs)
-STA_CUDA_ROWS_DEF(mlp_fwd_body, MlpFwdArgs)
-STA_CUDA_ROWS_DEF(mlp_bwd_out_body, MlpBwdOutArgs)
-STA_CUDA_ROWS_DEF(mlp_bwd_hidden_body, MlpBwdHiddenArgs)
-#undef STA_CUDA_ROWS_DEF
+// One row launcher per flow_math.h body (by its argument struct), float and double.
+#define STA_CUDA_ROWS_INSTANTIATE(BODY, ARGS)                                                                 \
+  template int launch_rows<sta::math::ARGS<float>>(const sta::math::ARGS<float>&, const int64_t*, int64_t,   \
+                                                   int64_t);                                                \
+  template int launch_rows<sta::math::ARGS<double>>(const sta::math::ARGS<double>&, const int64_t*, int64_t, \
+                                                    int64_t);
+STA_FLOW_ROW_BODIES(STA_CUDA_ROWS_INSTANTIATE)
+#undef STA_CUDA_ROWS_INSTANTIATE
 
 }  // namespace cuda
 }  // namespace sta

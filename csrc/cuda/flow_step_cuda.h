@@ -57,26 +57,11 @@ template <typename T>
 int segment_colsum(const T* X, T* out, const int64_t* offsets, int64_t K, int64_t N, int64_t out_stride,
                    int64_t stream);
 
-/// Row bodies of flow_math.h over rows i < n, n = *n_dev when n_dev != nullptr (the pair count
-/// offsets[K]) else n_max; grid-stride loop sized for n_max.
-#define STA_CUDA_ROWS_DECL(BODY, ARGS) \
-  template <typename T>                \
-  int BODY##_rows(const sta::math::ARGS<T>& args, const int64_t* n_dev, int64_t n_max, int64_t stream);
-
-STA_CUDA_ROWS_DECL(pair_sum_body, PairSumArgs)
-STA_CUDA_ROWS_DECL(pair_scatter_body, PairScatterArgs)
-STA_CUDA_ROWS_DECL(row_dot_body, RowDotArgs)
-STA_CUDA_ROWS_DECL(potential_fwd_body, PotentialFwdArgs)
-STA_CUDA_ROWS_DECL(potential_combine_body, PotentialCombineArgs)
-STA_CUDA_ROWS_DECL(potential_bwd_v_body, PotentialBwdVArgs)
-STA_CUDA_ROWS_DECL(potential_bwd_body, PotentialBwdArgs)
-STA_CUDA_ROWS_DECL(hamiltonian_fwd_body, HamiltonianFwdArgs)
-STA_CUDA_ROWS_DECL(hamiltonian_bwd_body, HamiltonianBwdArgs)
-STA_CUDA_ROWS_DECL(mlp_hidden_body, MlpHiddenArgs)
-STA_CUDA_ROWS_DECL(mlp_fwd_body, MlpFwdArgs)
-STA_CUDA_ROWS_DECL(mlp_bwd_out_body, MlpBwdOutArgs)
-STA_CUDA_ROWS_DECL(mlp_bwd_hidden_body, MlpBwdHiddenArgs)
-#undef STA_CUDA_ROWS_DECL
+/// The flow_math.h row body of `args` (sta::math::run_row) over rows i < n, n = *n_dev when
+/// n_dev != nullptr (the pair count offsets[K]) else n_max; grid-stride loop sized for n_max.
+/// Instantiated in flow_step.cu for every argument struct of STA_FLOW_ROW_BODIES, float and double.
+template <typename Args>
+int launch_rows(const Args& args, const int64_t* n_dev, int64_t n_max, int64_t stream);
 
 }  // namespace cuda
 }  // namespace sta
