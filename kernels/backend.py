@@ -14,12 +14,18 @@ The curl of ``mlp`` fields is a diagnostic computed with the reference on the ac
 Importing this module never fails: when triton is missing or broken it registers a backend whose
 ``why_not`` gives the reason. Where it runs:
 
-* CUDA: float32 (``tl.dot`` input precision "ieee"; ``STA_TRITON_PRECISION=tf32`` opts in to
-  TF32), bfloat16 and float16 (fp32 accumulation).
+* CUDA: float32, with the ``tl.dot`` precision of ``torch.get_float32_matmul_precision()``
+  ("highest": "ieee" fp32 products; "high" / "medium": TF32 tensor cores), bfloat16 and float16
+  (``tl.dot`` in the input dtype on tensor cores, fp32 accumulation); see
+  :func:`sta.kernels.flow_step.precision_for`.
 * CPU: only under the Triton interpreter (``TRITON_INTERPRET=1``, set before triton is
   imported), float32 only, and only when asked for by name: the interpreter is a test mode,
   orders of magnitude slower than the reference, so ``auto`` never picks it.
 * float64 is not a Triton dtype for these kernels: ``auto`` falls back to another backend.
+* Not under ``torch.use_deterministic_algorithms(True)``: the velocity, divergence and dz
+  scatter-adds are float atomics, whose order (so the rounding) varies run to run on a GPU;
+  ``why_not`` says so and ``auto`` picks a deterministic backend (in warn-only mode the kernels
+  run and warn).
 """
 from __future__ import annotations
 
@@ -56,13 +62,10 @@ class TritonBackend(Backend):
     name = "triton"
     dtypes = frozenset({torch.float32, torch.bfloat16, torch.float16})
 
-    @property
-    def precision(self) -> str:
-        """``tl.dot`` input precision: "ieee" (default, parity) or "tf32" (``STA_TRITON_PRECISION``)."""
-        value = os.environ.get("STA_TRITON_PRECISION", "ieee").lower()
-        if value not in ("ieee", "tf32"):
-            raise ValueError(f"STA_TRITON_PRECISION: expected 'ieee' or 'tf32', got {value!r}")
-        return value
+    @staticmethod
+    def precision(dtype: torch.dtype) -> str:
+        """``tl.dot`` precision for inputs of ``dtype`` (:func:`sta.kernels.flow_step.precision_for`)."""
+        return _fs.precision_for(dtype)
 
     def unavailable(self) -> list[str]:
         return [IMPORT_ERROR] if IMPORT_ERROR else []
@@ -86,6 +89,8 @@ class TritonBackend(Backend):
                 reasons.append("bfloat16/float16 only on GPU (the Triton interpreter computes float32)")
         elif dev != "cuda":
             reasons.append(f"device {dev} is not supported by Triton (CUDA, or CPU under TRITON_INTERPRET=1)")
+        if _fs.deterministic_refusal():
+            reasons.append(_fs.deterministic_refusal())
         return reasons
 
     def why_not_auto(self, request) -> list[str]:
@@ -99,7 +104,7 @@ class TritonBackend(Backend):
 
     def potential_terms(self, z, g, p, want):
         vel, div, hj, u = _fs.FlowStepFunction.apply(
-            z, g, _fs.POTENTIAL, p.W, p.c, p.a, p.de, precision=self.precision)
+            z, g, _fs.POTENTIAL, p.W, p.c, p.a, p.de, precision=self.precision(z.dtype))
         curl = z.new_zeros(g.shape) if "curl" in want else None  # a gradient field has no curl
         return reference.FieldTerms(velocity=vel, div=div if "div" in want else None,
                                     hj=hj if "hj" in want else None, u=u if "u" in want else None, curl=curl)
@@ -111,7 +116,7 @@ class TritonBackend(Backend):
             G, N = reference.hamiltonian_curl_matrices(p)
             Q = G - N * N.transpose(1, 2)  # curl = d^T G d - d^T (N o N^T) d
         vel, _, curl, _ = _fs.FlowStepFunction.apply(
-            z, g, _fs.HAMILTONIAN, p.W, p.c, p.a, None, p.M, None, Q, want_curl, self.precision)
+            z, g, _fs.HAMILTONIAN, p.W, p.c, p.a, None, p.M, None, Q, want_curl, self.precision(z.dtype))
         return reference.FieldTerms(
             velocity=vel,
             div=z.new_zeros(z.shape[0]) if "div" in want else None,  # skew times symmetric: exactly 0
@@ -122,7 +127,7 @@ class TritonBackend(Backend):
     def mlp_terms(self, z, g, p, want):
         C = p.W2 * p.W1.transpose(1, 2)  # (K, D, H): div r = sum_i s2'_i [C s1']_i
         vel, div, div_rot, _ = _fs.FlowStepFunction.apply(
-            z, g, _fs.MLP, p.W1, p.c1, None, None, p.W2, p.b2, C, False, self.precision)
+            z, g, _fs.MLP, p.W1, p.c1, None, None, p.W2, p.b2, C, False, self.precision(z.dtype))
         curl = None
         if "curl" in want:  # diagnostic: explicit Jacobians with the reference, active rows only
             curl = reference.mlp_terms(z, g, p, ("curl",)).curl

@@ -4,7 +4,7 @@ Mixture-of-experts layout. The active (sample, field) pairs -- ``g[b, k] != 0`` 
 field and each field's list of sample indices is padded to a multiple of ``BLOCK_M`` with -1
 (:func:`route`): the index lists are padded, never the data. A program owns one block of
 ``BLOCK_M`` rows of one field; it gathers its rows of ``z`` by index, runs the grouped matrix
-products with ``tl.dot`` (fp32 accumulation; ``input_precision`` "ieee" by default, "tf32" opt-in)
+products with ``tl.dot`` (fp32 accumulation; operand precision from :func:`precision_for`)
 and applies the field's epilogue in registers. Per-row intermediates live in padded buffers of
 shape ``(Npad, H)`` or ``(Npad, D)``, ``Npad = BLOCK_M * num_blocks <= B*K + K*BLOCK_M``; padding
 rows are written as exact zeros, so per-field reductions can run over whole blocks.
@@ -33,16 +33,23 @@ reduction (each program owns one output tile of one field and loops over that fi
 in order; no float atomics on parameters).
 
 The only atomics are the scatter-adds into ``velocity``, ``div`` and ``dz`` (several fields add to
-the same sample), as in a mixture-of-experts combine.
+the same sample), as in a mixture-of-experts combine; so the launchers refuse to run under
+``torch.use_deterministic_algorithms(True)`` (:func:`deterministic_refusal`).
+
+Every launch goes through :func:`sta.kernels.launch.launch`: ``python -m sta.kernels.aot``
+records the launchers' own arguments and compiles each kernel for sm_80 / sm_90 without a GPU.
 """
 from __future__ import annotations
 
 import os
+import warnings
 from typing import NamedTuple, Optional
 
 import torch
 import triton
 import triton.language as tl
+
+from .launch import launch
 
 __all__ = [
     "POTENTIAL",
@@ -53,6 +60,11 @@ __all__ = [
     "flow_step_fwd",
     "flow_step_bwd",
     "interpreting",
+    "precision_for",
+    "deterministic_refusal",
+    "keep_configs",
+    "gpu_configs",
+    "PRECISIONS",
 ]
 
 POTENTIAL, HAMILTONIAN, MLP = 0, 1, 2
@@ -63,6 +75,45 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
+def precision_for(dtype: torch.dtype) -> str:
+    """The ``tl.dot`` precision mode (``PRECISIONS``) for inputs of ``dtype``.
+
+    float32 follows ``torch.get_float32_matmul_precision()`` like torch's own matmuls: "highest"
+    (torch's default) -> "ieee" (exact fp32 products on the FMA units, the parity mode);
+    "high" / "medium" -> "tf32" (tensor cores, operands rounded to 10 mantissa bits, fp32
+    accumulation). bfloat16 / float16 -> "bf16" / "fp16": ``tl.dot`` on operands in the input
+    dtype with fp32 accumulation (tensor cores); per-row intermediates stay fp32.
+    """
+    if dtype == torch.bfloat16:
+        return "bf16"
+    if dtype == torch.float16:
+        return "fp16"
+    return "ieee" if torch.get_float32_matmul_precision() == "highest" else "tf32"
+
+
+def deterministic_refusal() -> str:
+    """Why the kernels may not run under ``torch.use_deterministic_algorithms(True)`` ('' if they may).
+
+    The velocity, divergence and dz scatter-adds are float atomics (several fields add to one
+    sample): their order, so their rounding, varies from run to run on a GPU. In warn-only mode
+    (``use_deterministic_algorithms(True, warn_only=True)``) this returns '' and the launchers warn.
+    """
+    if torch.are_deterministic_algorithms_enabled() and not torch.is_deterministic_algorithms_warn_only_enabled():
+        return ("torch.use_deterministic_algorithms(True) is set, and the Triton flow-step kernels accumulate "
+                "velocity, div and dz with float atomics (order-dependent on a GPU); use backend='cpu' or "
+                "'torch', or warn_only=True")
+    return ""
+
+
+def _check_deterministic():
+    reason = deterministic_refusal()
+    if reason:
+        raise RuntimeError(reason)
+    if torch.are_deterministic_algorithms_enabled():
+        warnings.warn("the Triton flow-step kernels accumulate with float atomics: not bit-reproducible on a GPU "
+                      "(torch.use_deterministic_algorithms(True, warn_only=True))", stacklevel=3)
+
+
 def _next_pow2(n: int) -> int:
     return 1 if n <= 1 else 1 << (int(n) - 1).bit_length()
 
@@ -71,26 +122,104 @@ def _next_pow2(n: int) -> int:
 # Launch configurations.
 # ----------------------------------------------------------------------------------------------
 
+#: ``tl.dot`` precision modes (the INPUT_PRECISION constexpr of every kernel, see ``_dot``):
+#: float32 inputs run "ieee" or "tf32" (:func:`precision_for`), bfloat16 / float16 inputs
+#: "bf16" / "fp16"; "tf32_emulated" is the interpreter's stand-in for "tf32" (tests only).
+PRECISIONS = ("ieee", "tf32", "bf16", "fp16", "tf32_emulated")
+#: modes whose products run on the FMA units (operand tiles in registers) vs. tensor cores
+_FMA = ("ieee", "tf32_emulated")
+
+#: Tile spaces, (BLOCK_H, BLOCK_D, num_warps, num_stages), in order of preference (largest
+#: first); :func:`keep_configs` keeps the first one that fits the target. Chosen from the AOT
+#: table of ``python -m sta.kernels.aot`` (sm_80/sm_90, BLOCK_M = 64): the earlier 8-config
+#: space spilled in 231 of 460 compiles -- "ieee" lowers tl.dot to FMA with both operand tiles
+#: in registers (32x32 tiles at 4 warps and 2 stages: 255 registers + 372 B spill), and 64/128-wide
+#: tf32 tiles at 3 stages spilled 0.4-3 KB and needed up to 393 KB of shared memory. 8 warps
+#: halve the per-thread share of every tile (32x32, BLOCK_M = 64: 126-180 registers, no spill).
+_FMA_SPACE = ((32, 32, 8, 1), (16, 16, 4, 1))
+_MMA_SPACE = ((64, 64, 8, 2), (64, 32, 8, 1), (32, 32, 8, 1))
+
+#: Most shared memory one block may use (bytes, opt-in maximum) per compute capability.
+SHARED_LIMIT = {80: 166912, 86: 101376, 89: 101376, 90: 232448}
+#: Register-pressure budget of :func:`_estimate` (fp32 tile values per thread, see there).
+_FMA_BUDGET, _MMA_BUDGET = 48, 64
+
+
 def _configs():
     """Autotune space over the tile sizes along D and H (BLOCK_M is fixed by the routing).
 
     Under the interpreter a single 16x16 configuration: ``tl.dot`` needs tiles of at least 16
-    and every extra configuration would be run (slowly) by the autotuner. On a GPU the usual
-    grouped-GEMM space; the key buckets (D, H, rows per field) to powers of two so that a
-    training run with varying sparsity does not re-tune at every step.
+    and every extra configuration would be run (slowly) by the autotuner; the parity tests run
+    every kept GPU configuration explicitly (:func:`gpu_configs`,
+    :func:`sta.kernels.launch.forced_config`). On a GPU the union of the FMA and tensor-core
+    spaces; :func:`keep_configs` (the autotuner's ``early_config_prune``) picks per launch.
     """
     if interpreting():
         return [triton.Config({"BLOCK_H": 16, "BLOCK_D": 16}, num_warps=1)]
-    return [
-        triton.Config({"BLOCK_H": bh, "BLOCK_D": bd}, num_warps=w, num_stages=s)
-        for bh, bd, w, s in [
-            (32, 32, 4, 2), (64, 32, 4, 3), (32, 64, 4, 3), (64, 64, 4, 3),
-            (64, 64, 8, 3), (128, 64, 8, 3), (64, 128, 8, 3), (128, 128, 8, 2),
-        ]
-    ]
+    return gpu_configs()
+
+
+def gpu_configs():
+    """Every GPU tile configuration (both spaces), as ``triton.Config``."""
+    space = dict.fromkeys(_FMA_SPACE + _MMA_SPACE)
+    return [triton.Config({"BLOCK_H": bh, "BLOCK_D": bd}, num_warps=w, num_stages=s) for bh, bd, w, s in space]
+
+
+def _estimate(cfg, block_m: int, fma: bool) -> tuple[float, int]:
+    """(register-pressure estimate, shared-memory bytes estimate) of one config at ``block_m`` rows.
+
+    Registers: fp32 tile values per thread of the largest product step -- the two operand tiles
+    (BLOCK_M x BLOCK_H and BLOCK_H x BLOCK_D, or the BLOCK_M x BLOCK_D one), times num_stages,
+    plus two accumulators (mlp and curl paths keep two) -- divided by the thread count. Every
+    measured spill-free compile scored <= 40 (FMA) / <= 64 (tensor cores), every spilling one
+    above (AOT tables of this module's docstring). Shared memory: the pipelined operand tiles
+    (tensor cores), or one tile for the layout conversion (FMA), in fp32.
+    """
+    bh, bd = cfg.kwargs["BLOCK_H"], cfg.kwargs["BLOCK_D"]
+    threads = 32 * cfg.num_warps
+    wide = max(bh, bd)
+    operands = block_m * bh + block_m * bd + bh * bd
+    values = (cfg.num_stages * operands + 2 * block_m * wide) / threads
+    shared = 4 * (cfg.num_stages * operands if not fma else block_m * wide)
+    return values, shared
+
+
+def target_arch() -> int:
+    """Compute capability of the current CUDA device as an integer (90 for sm_90)."""
+    major, minor = torch.cuda.get_device_capability()
+    return 10 * major + minor
+
+
+def keep_configs(configs, arch: int, meta: dict):
+    """The configs to autotune over for one launch on target ``arch`` (e.g. 80, 90).
+
+    ``meta``: the launch's constexprs (``INPUT_PRECISION``, ``BLOCK_M``). Keeps the space of the
+    precision (FMA for "ieee", tensor cores otherwise), then the first (largest) config whose
+    register estimate is within budget and whose shared memory fits the target (so no config is
+    found out by an OutOfResources at run time); the smallest one when none fits.
+    ``tests/test_triton_aot.py`` compiles what this returns for sm_80 and sm_90.
+    """
+    fma = meta["INPUT_PRECISION"] in _FMA
+    space = _FMA_SPACE if fma else _MMA_SPACE
+    limit = SHARED_LIMIT.get(arch, min(SHARED_LIMIT.values()))
+    budget = _FMA_BUDGET if fma else _MMA_BUDGET
+    ordered = sorted((c for c in configs if (c.kwargs["BLOCK_H"], c.kwargs["BLOCK_D"], c.num_warps, c.num_stages)
+                      in space), key=lambda c: space.index((c.kwargs["BLOCK_H"], c.kwargs["BLOCK_D"], c.num_warps,
+                                                             c.num_stages)))
+    for cfg in ordered:
+        regs, shared = _estimate(cfg, meta["BLOCK_M"], fma)
+        if regs <= budget and shared <= limit:
+            return [cfg]
+    return ordered[-1:]
+
+
+def _prune(configs, named_args, **meta):
+    """``early_config_prune`` of every autotuned kernel: :func:`keep_configs` for this device."""
+    return keep_configs(configs, target_arch(), meta)
 
 
 _KEY = ["d_bucket", "h_bucket", "m_bucket"]
+_PRUNE = {"early_config_prune": _prune}
 
 
 def block_m_for(rows_per_field: int) -> int:
@@ -159,6 +288,32 @@ def route(g: torch.Tensor, block_m: Optional[int] = None) -> Routing:
 # ----------------------------------------------------------------------------------------------
 
 @triton.jit
+def _round_tf32(x):
+    """fp32 -> the nearest value with a 10-bit mantissa (round half to even), as fp32: the
+    operand rounding of a TF32 tensor-core product (finite inputs; test emulation only)."""
+    bits = x.to(tl.uint32, bitcast=True)
+    bits = (bits + 0xFFF + ((bits >> 13) & 1)) & 0xFFFFE000
+    return bits.to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _dot(a, b, acc, PRECISION: tl.constexpr):
+    """acc + a @ b with fp32 accumulation; ``PRECISION`` (see PRECISIONS) sets the operands:
+    "ieee" fp32 (FMA), "tf32" (tensor cores, 10-bit mantissa), "bf16" / "fp16" (operands cast to
+    the input dtype, tensor cores), "tf32_emulated" (operands rounded to 10 mantissa bits, then an
+    exact product: what "tf32" computes, checkable where tl.dot ignores input_precision)."""
+    if PRECISION == "bf16":
+        out = tl.dot(a.to(tl.bfloat16), b.to(tl.bfloat16), acc)
+    elif PRECISION == "fp16":
+        out = tl.dot(a.to(tl.float16), b.to(tl.float16), acc)
+    elif PRECISION == "tf32_emulated":
+        out = tl.dot(_round_tf32(a), _round_tf32(b), acc, input_precision="ieee")
+    else:
+        out = tl.dot(a, b, acc, input_precision=PRECISION)
+    return out
+
+
+@triton.jit
 def _tanh(x):
     # tanh from exp(-2|x|): no overflow, no dependence on libdevice (also runs in the interpreter).
     e = tl.exp(-2.0 * tl.abs(x))
@@ -166,8 +321,8 @@ def _tanh(x):
     return tl.where(x >= 0, t, -t)
 
 
-@triton.autotune(configs=_configs(), key=_KEY)
-@triton.jit
+@triton.autotune(configs=_configs(), key=_KEY, prune_configs_by=_PRUNE)
+@triton.jit(do_not_specialize=["store_x2", "store_h"])  # 0/1 flags: one compiled variant
 def _flow_step_hidden_fwd_kernel(
     z_ptr, stride_zb, stride_zd,  # z: (B, D) latents, any strides
     rows_ptr,  # (Npad,) int64: sample of each padded row, -1 for padding
@@ -177,15 +332,15 @@ def _flow_step_hidden_fwd_kernel(
     a_ptr,  # (K, H) contiguous: output weights a (unused for mlp)
     de_ptr,  # (K, H) contiguous: de/dt (potential only)
     x1_ptr,  # (Npad, H) out: a*s1 (potential, hamiltonian) or s = tanh(h) (mlp)
-    x2_ptr,  # (Npad, H) out if STORE_X2: d = a*s2 (hamiltonian curl) or 1 - s^2 (mlp)
-    h_ptr,  # (Npad, H) out if STORE_H: the pre-activation h (for the backward)
+    x2_ptr,  # (Npad, H) out if store_x2: d = a*s2 (hamiltonian curl) or 1 - s^2 (mlp)
+    h_ptr,  # (Npad, H) out if store_h: the pre-activation h (for the backward)
     u_ptr, lap_ptr, dudt_ptr,  # (Npad,) out (potential): u, lap u, du/dt per row
     D, H,  # latent size and hidden width (runtime: never constexpr)
     d_bucket, h_bucket, m_bucket,  # next powers of two of D, H, rows per field: autotune key only
+    store_x2,  # write x2 (runtime flag: one compiled variant per KIND, not four)
+    store_h,  # write h
     KIND: tl.constexpr,  # POTENTIAL, HAMILTONIAN or MLP
-    STORE_X2: tl.constexpr,  # write x2
-    STORE_H: tl.constexpr,  # write h
-    INPUT_PRECISION: tl.constexpr,  # "ieee" or "tf32" for tl.dot
+    INPUT_PRECISION: tl.constexpr,  # tl.dot operands: see _dot
     BLOCK_M: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,  # tile sizes
 ):
     pid = tl.program_id(0).to(tl.int64)
@@ -209,7 +364,7 @@ def _flow_step_hidden_fwd_kernel(
                          mask=valid[:, None] & md[None, :], other=0.0).to(tl.float32)
             wt = tl.load(w_ptr + k * H * D + offs_h[None, :] * D + offs_d[:, None],
                          mask=md[:, None] & mh[None, :], other=0.0).to(tl.float32)  # (BLOCK_D, BLOCK_H)
-            acc = tl.dot(zt, wt, acc, input_precision=INPUT_PRECISION)
+            acc = _dot(zt, wt, acc, INPUT_PRECISION)
             if KIND == 0:
                 wn += tl.sum(wt * wt, 0)
         c = tl.load(c_ptr + k * H + offs_h, mask=mh, other=0.0).to(tl.float32)
@@ -233,9 +388,9 @@ def _flow_step_hidden_fwd_kernel(
                 dudt_acc += tl.sum(tl.where(keep, x1 * de[None, :], 0.0), 1)
         # padding rows are stored as exact zeros: the per-field reductions sum whole blocks
         tl.store(x1_ptr + out_off, tl.where(keep, x1, 0.0), mask=mh[None, :])
-        if STORE_X2:
+        if store_x2:
             tl.store(x2_ptr + out_off, tl.where(keep, x2, 0.0), mask=mh[None, :])
-        if STORE_H:
+        if store_h:
             tl.store(h_ptr + out_off, tl.where(keep, h, 0.0), mask=mh[None, :])
     if KIND == 0:
         tl.store(u_ptr + offs_m, u_acc)
@@ -243,7 +398,7 @@ def _flow_step_hidden_fwd_kernel(
         tl.store(dudt_ptr + offs_m, dudt_acc)
 
 
-@triton.autotune(configs=_configs(), key=_KEY, reset_to_zero=["vel_ptr", "div_ptr"])
+@triton.autotune(configs=_configs(), key=_KEY, prune_configs_by=_PRUNE, reset_to_zero=["vel_ptr", "div_ptr"])
 @triton.jit
 def _flow_step_fwd_kernel(
     rows_ptr,  # (Npad,) int64: sample of each padded row, -1 for padding
@@ -263,7 +418,7 @@ def _flow_step_fwd_kernel(
     d_bucket, h_bucket, m_bucket,  # autotune key only
     KIND: tl.constexpr,  # POTENTIAL, HAMILTONIAN or MLP
     WANT_CURL: tl.constexpr,  # hamiltonian: compute the curl energy
-    INPUT_PRECISION: tl.constexpr,  # "ieee" or "tf32"
+    INPUT_PRECISION: tl.constexpr,  # tl.dot operands: see _dot
     BLOCK_M: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,  # tile sizes
 ):
     pid = tl.program_id(0).to(tl.int64)
@@ -286,12 +441,12 @@ def _flow_step_fwd_kernel(
             xt = tl.load(x1_ptr + offs_m[:, None] * H + offs_h[None, :], mask=mh[None, :], other=0.0)
             wt = tl.load(wo_ptr + k * stride_wok + offs_h[:, None] * stride_woh + offs_d[None, :] * stride_wod,
                          mask=mh[:, None] & md[None, :], other=0.0).to(tl.float32)
-            acc = tl.dot(xt, wt, acc, input_precision=INPUT_PRECISION)
+            acc = _dot(xt, wt, acc, INPUT_PRECISION)
             if KIND == 2:
                 x2t = tl.load(x2_ptr + offs_m[:, None] * H + offs_h[None, :], mask=mh[None, :], other=0.0)
                 ct = tl.load(cm_ptr + k * D * H + offs_d[None, :] * H + offs_h[:, None],
                              mask=mh[:, None] & md[None, :], other=0.0).to(tl.float32)
-                acc2 = tl.dot(x2t, ct, acc2, input_precision=INPUT_PRECISION)
+                acc2 = _dot(x2t, ct, acc2, INPUT_PRECISION)
         keep = valid[:, None] & md[None, :]
         if KIND == 2:
             b2 = tl.load(bo_ptr + k * D + offs_d, mask=md, other=0.0).to(tl.float32)
@@ -324,13 +479,13 @@ def _flow_step_fwd_kernel(
                     dti = tl.load(x2_ptr + offs_m[:, None] * H + offs_i[None, :], mask=mi[None, :], other=0.0)
                     qt = tl.load(q_ptr + k * H * H + offs_i[:, None] * H + offs_j[None, :],
                                  mask=mi[:, None] & mj[None, :], other=0.0).to(tl.float32)
-                    accq = tl.dot(dti, qt, accq, input_precision=INPUT_PRECISION)
+                    accq = _dot(dti, qt, accq, INPUT_PRECISION)
                 dtj = tl.load(x2_ptr + offs_m[:, None] * H + offs_j[None, :], mask=mj[None, :], other=0.0)
                 curl += tl.sum(accq * dtj, 1)
             tl.store(o1_ptr + pair, curl, mask=valid)
 
 
-@triton.autotune(configs=_configs(), key=_KEY)
+@triton.autotune(configs=_configs(), key=_KEY, prune_configs_by=_PRUNE)
 @triton.jit
 def _flow_step_bwd_kernel(
     rows_ptr,  # (Npad,) int64: sample of each padded row, -1 for padding
@@ -350,7 +505,7 @@ def _flow_step_bwd_kernel(
     D, H,  # latent size and hidden width
     d_bucket, h_bucket, m_bucket,  # autotune key only
     KIND: tl.constexpr,  # POTENTIAL, HAMILTONIAN or MLP
-    INPUT_PRECISION: tl.constexpr,  # "ieee" or "tf32"
+    INPUT_PRECISION: tl.constexpr,  # tl.dot operands: see _dot
     BLOCK_M: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,  # tile sizes
 ):
     pid = tl.program_id(0).to(tl.int64)
@@ -376,12 +531,12 @@ def _flow_step_bwd_kernel(
             xt = tl.load(x1_ptr + offs_m[:, None] * H + offs_h[None, :], mask=mh[None, :], other=0.0)
             wt = tl.load(wo_ptr + k * stride_wok + offs_h[:, None] * stride_woh + offs_d[None, :] * stride_wod,
                          mask=mh[:, None] & md[None, :], other=0.0).to(tl.float32)
-            acc = tl.dot(xt, wt, acc, input_precision=INPUT_PRECISION)
+            acc = _dot(xt, wt, acc, INPUT_PRECISION)
             if KIND == 2:
                 x2t = tl.load(x2_ptr + offs_m[:, None] * H + offs_h[None, :], mask=mh[None, :], other=0.0)
                 ct = tl.load(cm_ptr + k * D * H + offs_d[None, :] * H + offs_h[:, None],
                              mask=mh[:, None] & md[None, :], other=0.0).to(tl.float32)
-                acc2 = tl.dot(x2t, ct, acc2, input_precision=INPUT_PRECISION)
+                acc2 = _dot(x2t, ct, acc2, INPUT_PRECISION)
         keep = valid[:, None] & md[None, :]
         gvt = tl.load(gvel_ptr + b[:, None] * stride_gvb + offs_d[None, :] * stride_gvd,
                       mask=keep, other=0.0).to(tl.float32)
@@ -408,7 +563,7 @@ def _flow_step_bwd_kernel(
     tl.store(gg_ptr + b * stride_ggb + k * stride_ggk, gg, mask=valid)
 
 
-@triton.autotune(configs=_configs(), key=_KEY)
+@triton.autotune(configs=_configs(), key=_KEY, prune_configs_by=_PRUNE)
 @triton.jit
 def _flow_step_hidden_bwd_kernel(
     rows_ptr,  # (Npad,) int64: sample of each padded row, -1 for padding
@@ -431,7 +586,7 @@ def _flow_step_hidden_bwd_kernel(
     d_bucket, h_bucket, m_bucket,  # autotune key only
     KIND: tl.constexpr,  # POTENTIAL, HAMILTONIAN or MLP
     WANT_CURL: tl.constexpr,  # hamiltonian: the curl has a gradient
-    INPUT_PRECISION: tl.constexpr,  # "ieee" or "tf32"
+    INPUT_PRECISION: tl.constexpr,  # tl.dot operands: see _dot
     BLOCK_M: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,  # tile sizes
 ):
     pid = tl.program_id(0).to(tl.int64)
@@ -456,14 +611,14 @@ def _flow_step_hidden_bwd_kernel(
             gvt = tl.load(gv_ptr + offs_m[:, None] * D + offs_d[None, :], mask=md[None, :], other=0.0)
             wt = tl.load(wo_ptr + k * stride_wok + offs_h[None, :] * stride_woh + offs_d[:, None] * stride_wod,
                          mask=md[:, None] & mh[None, :], other=0.0).to(tl.float32)  # (BLOCK_D, BLOCK_H)
-            acc = tl.dot(gvt, wt, acc, input_precision=INPUT_PRECISION)
+            acc = _dot(gvt, wt, acc, INPUT_PRECISION)
             if KIND == 0:
                 wn += tl.sum(wt * wt, 0)  # the potential's output weights are W itself
             if KIND == 2:
                 gqt = tl.load(gq_ptr + offs_m[:, None] * D + offs_d[None, :], mask=md[None, :], other=0.0)
                 ct = tl.load(cm_ptr + k * D * H + offs_d[:, None] * H + offs_h[None, :],
                              mask=md[:, None] & mh[None, :], other=0.0).to(tl.float32)
-                acc2 = tl.dot(gqt, ct, acc2, input_precision=INPUT_PRECISION)
+                acc2 = _dot(gqt, ct, acc2, INPUT_PRECISION)
         keep = valid[:, None] & mh[None, :]
         out_off = offs_m[:, None] * H + offs_h[None, :]
         h = tl.load(h_ptr + out_off, mask=mh[None, :], other=0.0)
@@ -497,7 +652,7 @@ def _flow_step_hidden_bwd_kernel(
                         qm = mi[:, None] & mh[None, :]
                         qt = tl.load(q_ptr + k * H * H + offs_i[:, None] * H + offs_h[None, :], mask=qm, other=0.0)
                         qtt = tl.load(q_ptr + k * H * H + offs_h[None, :] * H + offs_i[:, None], mask=qm, other=0.0)
-                        accq = tl.dot(dti, (qt + qtt).to(tl.float32), accq, input_precision=INPUT_PRECISION)
+                        accq = _dot(dti, (qt + qtt).to(tl.float32), accq, INPUT_PRECISION)
                     gd = go1[:, None] * accq
                     gh += gd * a * s3
                     pa += gd * s2
@@ -507,7 +662,7 @@ def _flow_step_hidden_bwd_kernel(
         tl.store(gh_ptr + out_off, tl.where(keep, gh, 0.0), mask=mh[None, :])
 
 
-@triton.autotune(configs=_configs(), key=_KEY, reset_to_zero=["gz_ptr"])
+@triton.autotune(configs=_configs(), key=_KEY, prune_configs_by=_PRUNE, reset_to_zero=["gz_ptr"])
 @triton.jit
 def _flow_step_dz_bwd_kernel(
     rows_ptr,  # (Npad,) int64: sample of each padded row, -1 for padding
@@ -517,7 +672,7 @@ def _flow_step_dz_bwd_kernel(
     gz_ptr,  # (B, D) fp32 zero-initialised out: grad of z, accumulated with atomics
     D, H,  # latent size and hidden width
     d_bucket, h_bucket, m_bucket,  # autotune key only
-    INPUT_PRECISION: tl.constexpr,  # "ieee" or "tf32"
+    INPUT_PRECISION: tl.constexpr,  # tl.dot operands: see _dot
     BLOCK_M: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,  # tile sizes
 ):
     pid = tl.program_id(0).to(tl.int64)
@@ -536,7 +691,7 @@ def _flow_step_dz_bwd_kernel(
             ght = tl.load(gh_ptr + offs_m[:, None] * H + offs_h[None, :], mask=mh[None, :], other=0.0)
             wt = tl.load(w_ptr + k * H * D + offs_h[:, None] * D + offs_d[None, :],
                          mask=mh[:, None] & md[None, :], other=0.0).to(tl.float32)
-            acc = tl.dot(ght, wt, acc, input_precision=INPUT_PRECISION)
+            acc = _dot(ght, wt, acc, INPUT_PRECISION)
         tl.atomic_add(gz_ptr + b[:, None] * D + offs_d[None, :], acc, mask=valid[:, None] & md[None, :])
 
 
@@ -551,7 +706,7 @@ def _flow_step_param_bwd_kernel(
     B_GATHER: tl.constexpr,  # b is indexed by sample (z), not by padded row
     B_ONES: tl.constexpr,  # b is a column of ones: column sums of a (Q = 1)
     ACCUMULATE: tl.constexpr,  # add to out instead of overwriting
-    INPUT_PRECISION: tl.constexpr,  # "ieee" or "tf32"
+    INPUT_PRECISION: tl.constexpr,  # tl.dot operands: see _dot
     BLOCK_M: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_Q: tl.constexpr,  # tile sizes
 ):
     # One program owns one (P, Q) tile of one field and walks that field's row blocks in order:
@@ -580,7 +735,7 @@ def _flow_step_param_bwd_kernel(
             else:
                 bt = tl.load(b_ptr + offs_m[:, None] * stride_bn + offs_q[None, :] * stride_bq,
                              mask=mq[None, :], other=0.0).to(tl.float32)
-            acc = tl.dot(at, bt, acc, input_precision=INPUT_PRECISION)
+            acc = _dot(at, bt, acc, INPUT_PRECISION)
     if B_ONES:
         acc = colsum[:, None] + acc
     ptrs = out_ptr + k * stride_ok + offs_p[:, None] * stride_op + offs_q[None, :] * stride_oq
@@ -618,11 +773,11 @@ def _hidden(z, r: Routing, kind, w, c, a, de, store_x2, store_h, precision):
     h = _empty(n, H, like=z) if store_h else x1
     scal = _empty(3, n, like=z) if kind == POTENTIAL else _empty(3, 1, like=z)
     if r.num_blocks:
-        _flow_step_hidden_fwd_kernel[(r.num_blocks,)](
+        launch(_flow_step_hidden_fwd_kernel, (r.num_blocks,),
             z, z.stride(0), z.stride(1), r.rows, r.block_field, w, c,
             a if a is not None else c, de if de is not None else c,
-            x1, x2, h, scal[0], scal[1], scal[2], D, H, *_buckets(D, H, r),
-            KIND=kind, STORE_X2=store_x2, STORE_H=store_h, INPUT_PRECISION=precision, BLOCK_M=r.block_m,
+            x1, x2, h, scal[0], scal[1], scal[2], D, H, *_buckets(D, H, r), int(store_x2), int(store_h),
+            KIND=kind, INPUT_PRECISION=precision, BLOCK_M=r.block_m,
         )
     return x1, x2, h, scal
 
@@ -644,6 +799,7 @@ def flow_step_fwd(z, g, kind: int, w, c, a=None, de=None, w_out=None, b_out=None
     div = torch.zeros(B, dtype=torch.float32, device=z.device)
     o1 = torch.zeros(B, K, dtype=torch.float32, device=z.device)
     o2 = torch.zeros(B, K, dtype=torch.float32, device=z.device)
+    _check_deterministic()
     if B == 0 or K == 0 or D == 0:
         return vel, div, o1, o2
     r = route(g)
@@ -652,7 +808,7 @@ def flow_step_fwd(z, g, kind: int, w, c, a=None, de=None, w_out=None, b_out=None
     want_curl = bool(want_curl and kind == HAMILTONIAN)
     x1, x2, _, scal = _hidden(z, r, kind, w, c, a, de, kind == MLP or want_curl, False, precision)
     wo, swk, swh, swd = _out_view(kind, w, w_out)
-    _flow_step_fwd_kernel[(r.num_blocks,)](
+    launch(_flow_step_fwd_kernel, (r.num_blocks,),
         r.rows, r.block_field, g, g.stride(0), g.stride(1), x1, x2, wo, swk, swh, swd,
         mat if kind == MLP else c, b_out if b_out is not None else c, mat if want_curl else c,
         scal[0], scal[1], scal[2], vel, div, o1, o2, o1.stride(0), o1.stride(1), D, H, *_buckets(D, H, r),
@@ -662,9 +818,13 @@ def flow_step_fwd(z, g, kind: int, w, c, a=None, de=None, w_out=None, b_out=None
 
 
 def _param_reduce(r: Routing, a_buf, out, b=None, gather=False, accumulate=False, precision="ieee"):
-    """out[k] (+)= sum over field k's padded rows of a_buf[n]^T b[n]; b None: column sums."""
+    """out[k] (+)= sum over field k's padded rows of a_buf[n]^T b[n]; b None: column sums.
+
+    bf16/fp16 inputs reduce in fp32 ("ieee"): a parameter gradient sums every active row of its
+    field, and these products are a small part of the backward."""
     K, P = out.shape[0], out.shape[1]
     ones = b is None
+    precision = "ieee" if ones or precision in ("bf16", "fp16") else precision  # no product: one variant
     Q = 1 if ones else b.shape[1]
     o3 = out.unsqueeze(-1) if ones else out
     # 32x32 output tiles: under the interpreter each program costs the same at 16 or 32 wide, so
@@ -672,7 +832,7 @@ def _param_reduce(r: Routing, a_buf, out, b=None, gather=False, accumulate=False
     bp, bq = 32, 32 if not ones else 16
     grid = (K, triton.cdiv(P, bp), triton.cdiv(Q, bq))
     bb = a_buf if ones else b
-    _flow_step_param_bwd_kernel[grid](
+    launch(_flow_step_param_bwd_kernel, grid,
         r.block_ptr, r.rows, a_buf, a_buf.stride(0), bb, bb.stride(0), bb.stride(1) if bb.dim() > 1 else 1,
         o3, o3.stride(0), o3.stride(1), o3.stride(2), P, Q,
         B_GATHER=gather, B_ONES=ones, ACCUMULATE=accumulate, INPUT_PRECISION=precision,
@@ -701,6 +861,7 @@ def flow_step_bwd(gvel, gdiv, go1, go2, z, g, kind: int, w, c, a=None, de=None, 
     db_out = torch.zeros(b_out.shape, **f32) if b_out is not None else None
     dmat = torch.zeros(mat.shape, **f32) if mat is not None else None
     grads = (dz, dg, dw, dc, da, dde, dw_out, db_out, dmat)
+    _check_deterministic()
     if B == 0 or K == 0 or D == 0:
         return grads
     r = route(g)
@@ -713,7 +874,7 @@ def flow_step_bwd(gvel, gdiv, go1, go2, z, g, kind: int, w, c, a=None, de=None, 
     gq = _empty(n, D, like=z) if kind == MLP else gv
     wo, swk, swh, swd = _out_view(kind, w, w_out)
     cm = mat if kind == MLP else c
-    _flow_step_bwd_kernel[(r.num_blocks,)](
+    launch(_flow_step_bwd_kernel, (r.num_blocks,),
         r.rows, r.block_field, g, g.stride(0), g.stride(1), x1, x2, wo, swk, swh, swd,
         cm, b_out if b_out is not None else c, scal[1],
         gvel, gvel.stride(0), gvel.stride(1), gdiv, gdiv.stride(0), go1, go1.stride(0), go1.stride(1),
@@ -725,7 +886,7 @@ def flow_step_bwd(gvel, gdiv, go1, go2, z, g, kind: int, w, c, a=None, de=None, 
     pde = _empty(n, H, like=z) if kind == POTENTIAL else gh
     pwn = _empty(n, H, like=z) if kind == POTENTIAL else gh
     pq = _empty(n, H, like=z) if want_curl else gh
-    _flow_step_hidden_bwd_kernel[(r.num_blocks,)](
+    launch(_flow_step_hidden_bwd_kernel, (r.num_blocks,),
         r.rows, r.block_field, g, g.stride(0), g.stride(1), w,
         a if a is not None else c, de if de is not None else c, wo, swk, swh, swd,
         cm, mat if want_curl else c, h, x2, gv, gq, gdiv, gdiv.stride(0),
@@ -733,7 +894,7 @@ def flow_step_bwd(gvel, gdiv, go1, go2, z, g, kind: int, w, c, a=None, de=None, 
         gh, pa, pde, pwn, pq, D, H, *_buckets(D, H, r),
         KIND=kind, WANT_CURL=want_curl, INPUT_PRECISION=precision, BLOCK_M=r.block_m,
     )
-    _flow_step_dz_bwd_kernel[(r.num_blocks,)](
+    launch(_flow_step_dz_bwd_kernel, (r.num_blocks,),
         r.rows, r.block_field, gh, w, dz, D, H, *_buckets(D, H, r),
         INPUT_PRECISION=precision, BLOCK_M=r.block_m,
     )

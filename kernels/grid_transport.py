@@ -16,6 +16,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .launch import launch
+
 __all__ = ["grid_transport_fwd"]
 
 #: Cells per program. 1024 keeps every load of a block in a few contiguous runs; fp32 512^2 on
@@ -146,6 +148,6 @@ def grid_transport_fwd(rho: torch.Tensor, faces: tuple, coef: tuple, periodic: b
     out = torch.empty_like(rho)
     u2 = faces[2] if ndim == 3 else faces[1]  # never read for 2-D
     grid = (triton.cdiv(rho.numel(), BLOCK),)
-    _grid_transport_fwd_kernel[grid](rho, faces[0], faces[1], u2, coef_t, out, n0, n1, n2, n1 * n2, rho.numel(),
-                                     NDIM=ndim, PERIODIC=bool(periodic), LIMITER=int(limiter), BLOCK=BLOCK)
+    launch(_grid_transport_fwd_kernel, grid, rho, faces[0], faces[1], u2, coef_t, out, n0, n1, n2, n1 * n2,
+           rho.numel(), NDIM=ndim, PERIODIC=bool(periodic), LIMITER=int(limiter), BLOCK=BLOCK)
     return out

@@ -61,7 +61,8 @@ def _weighted_sum(outs):
     total = 0.0
     for o in outs:
         if o is not None and o.requires_grad:
-            weights = torch.randn(o.shape, generator=gen, dtype=o.dtype, device="cpu").to(o.device)
+            # drawn in float32 whatever o's dtype: a float64 run gets the same weights
+            weights = torch.randn(o.shape, generator=gen, device="cpu").to(o.device, o.dtype)
             total = total + (o * weights).sum()
     return total
 
@@ -321,7 +322,139 @@ def test_interpreter_runs_only_when_named(monkeypatch):
     assert backends.select(_request(), "auto").name != "triton"
 
 
-def test_bad_precision_setting(monkeypatch):
-    monkeypatch.setenv("STA_TRITON_PRECISION", "fp8")
-    with pytest.raises(ValueError, match="STA_TRITON_PRECISION"):
-        BACKEND.precision
+# -- issue 16: every kept GPU tile config, tf32 (emulated), deterministic mode ----------------
+
+from sta.kernels import launch as kernel_launch  # noqa: E402
+from tests.tolerances import TF32, max_rel_error  # noqa: E402
+
+
+def _kept_tiles():
+    """(BLOCK_H, BLOCK_D, BLOCK_M) -> config, for every config the GPU pruning keeps for some
+    target (sm_80, sm_90), precision and row-block size: what a GPU can run."""
+    kept = {}
+    for arch in (80, 90):
+        for precision in ("ieee", "tf32", "bf16", "fp16"):
+            for block_m in (16, 32, 64):
+                for cfg in fs.keep_configs(fs.gpu_configs(), arch, {"INPUT_PRECISION": precision, "BLOCK_M": block_m}):
+                    kept.setdefault((cfg.kwargs["BLOCK_H"], cfg.kwargs["BLOCK_D"], block_m), cfg)
+    return kept
+
+
+KEPT = _kept_tiles()
+
+
+@pytest.mark.skipif(DEVICE.type != "cpu", reason="the GPU autotunes for itself; this forces tiles under the interpreter")
+@pytest.mark.parametrize("tile", sorted(KEPT), ids=lambda t: "H{}xD{}xM{}".format(*t))
+def test_every_kept_config_parity(tile, monkeypatch):
+    """The interpreter's default is one 16x16 tile with BLOCK_M = 16; here each GPU tile size and
+    row-block size runs (forced past the autotuner), with tiles wider than D and H and several
+    row blocks per field, forward and backward, all three field kinds."""
+    bh, bd, block_m = tile
+    monkeypatch.setattr(fs, "block_m_for", lambda rows: block_m)
+    B = block_m + 3  # the first field spans two row blocks
+    bank = _bank(D=5, H=19, Kp=2, Kr=2, rotational="mlp" if block_m == 32 else "hamiltonian")
+    z = torch.randn(B, 5, requires_grad=True)
+    t = torch.tensor(0.4, requires_grad=True)
+    g_pot = _coefficients(B, 2, "active").requires_grad_()
+    g_rot = _coefficients(B, 2, "mixed").requires_grad_()
+    with kernel_launch.forced_config(KEPT[tile]):
+        _compare_step(bank, z, t, g_pot, g_rot)
+
+
+def test_kept_configs_cover_both_spaces():
+    """The FMA ("ieee") and tensor-core spaces each keep a config at every BLOCK_M, and the
+    pruning drops what does not fit (e.g. 64x64 at 2 stages is only kept for BLOCK_M = 16)."""
+    for precision in ("ieee", "tf32", "bf16"):
+        for block_m in (16, 32, 64):
+            kept = fs.keep_configs(fs.gpu_configs(), 90, {"INPUT_PRECISION": precision, "BLOCK_M": block_m})
+            assert len(kept) == 1
+            assert (kept[0].num_warps, kept[0].num_stages) != (4, 3)  # the old spilling defaults
+    big = [t for t in KEPT if t[:2] == (64, 64)]
+    assert big == [(64, 64, 16)]
+
+
+def _round_tf32(x: torch.Tensor) -> torch.Tensor:
+    """CPU model of the TF32 operand rounding: 10 mantissa bits, round half to even (the same bit
+    arithmetic as the kernels' ``_round_tf32``)."""
+    bits = x.float().contiguous().view(torch.int32).to(torch.int64) & 0xFFFFFFFF
+    bits = (bits + 0xFFF + ((bits >> 13) & 1)) & 0xFFFFE000
+    return torch.where(bits >= 2**31, bits - 2**32, bits).to(torch.int32).view(torch.float32)
+
+
+def test_tf32_rounding_model():
+    """The CPU model (and so the kernel's hook, same bit arithmetic) keeps 10 mantissa bits."""
+    x = torch.tensor([1.0 + 2.0 ** -10, 1.0 + 2.0 ** -11, 1.0 + 3 * 2.0 ** -11, 1.0 + 2.0 ** -12, -3.0])
+    assert _round_tf32(x).tolist() == [1.0 + 2.0 ** -10, 1.0, 1.0 + 2 * 2.0 ** -10, 1.0, -3.0]
+
+
+@pytest.mark.skipif(DEVICE.type != "cpu", reason="the emulation is the interpreter's stand-in for tf32")
+@pytest.mark.parametrize("rotational", ["hamiltonian", "mlp"])
+def test_tf32_emulation(rotational, monkeypatch):
+    """The tf32 path, emulated: under the interpreter tl.dot ignores input_precision, so the
+    kernels' ``_dot`` rounds both operands to 10 mantissa bits first ("tf32_emulated", chosen by
+    the launcher in place of "tf32"). Checks that the result is within the TF32 tolerance of the
+    float64 reference for every output and gradient, and that the rounding really ran (the error
+    is above fp32 parity). It checks the numerics of TF32 products in these kernels, not the
+    GPU's TF32 instructions (tests/test_triton_aot.py compiles those)."""
+    bank = _bank(rotational=rotational)
+    B = 9
+    z = torch.randn(B, 5, requires_grad=True)
+    t = torch.tensor(0.6, requires_grad=True)
+    g_pot = _coefficients(B, 3, "mixed").requires_grad_()
+    g_rot = _coefficients(B, 2, "mixed").requires_grad_()
+    monkeypatch.setattr(fs, "precision_for", lambda dtype: "tf32_emulated")
+    out_k, grads_k = _run_step(bank, z, t, g_pot, g_rot, "triton")
+    bank64 = copy.deepcopy(bank).double()
+    leaves64 = [x.detach().double().requires_grad_() for x in (z, t, g_pot, g_rot)]
+    out_r, grads_r = _run_step(bank64, *leaves64, "torch")
+    worst = 0.0
+    for name in ALL:
+        assert_close(getattr(out_k, name), getattr(out_r, name), tol=TF32, what=f"tf32 {name}")
+        worst = max(worst, max_rel_error(getattr(out_k, name), getattr(out_r, name)))
+    for i, (gk, gr) in enumerate(zip(grads_k, grads_r)):
+        assert_close(gk, gr, tol=TF32, what=f"tf32 grad {i}")
+    assert worst > 10 * 1e-5, "the tf32 rounding hook did not change the products"
+
+
+def test_precision_follows_torch_matmul_setting():
+    """fp32 follows torch.get_float32_matmul_precision(); bf16/fp16 use their own dtype."""
+    before = torch.get_float32_matmul_precision()
+    try:
+        torch.set_float32_matmul_precision("highest")
+        assert BACKEND.precision(torch.float32) == "ieee"
+        for setting in ("high", "medium"):
+            torch.set_float32_matmul_precision(setting)
+            assert BACKEND.precision(torch.float32) == "tf32"
+    finally:
+        torch.set_float32_matmul_precision(before)
+    assert BACKEND.precision(torch.bfloat16) == "bf16" and BACKEND.precision(torch.float16) == "fp16"
+
+
+@pytest.fixture
+def deterministic():
+    before = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled())
+    yield torch.use_deterministic_algorithms
+    torch.use_deterministic_algorithms(before[0], warn_only=before[1])
+
+
+def test_deterministic_mode_refuses_atomics(deterministic):
+    """torch.use_deterministic_algorithms(True): the forced backend refuses with the setting's name,
+    auto picks another backend, and the launcher itself refuses; warn_only runs and warns."""
+    bank = _bank(D=3, H=4, Kp=2, Kr=1)
+    z = torch.randn(4, 3)
+    g_pot, g_rot = _coefficients(4, 2, "active"), _coefficients(4, 1, "active")
+    deterministic(True)
+    reasons = BACKEND.why_not(_request())
+    assert any("torch.use_deterministic_algorithms(True)" in r for r in reasons)
+    with pytest.raises(Exception, match=r"use_deterministic_algorithms\(True\)"):
+        sta.flow_step(z, 0.3, g_pot, g_rot, bank, backend="triton")
+    assert backends.select(_request(), "auto").name != "triton"
+    with pytest.raises(RuntimeError, match=r"use_deterministic_algorithms\(True\)"):
+        fs.flow_step_fwd(z, g_pot, fs.POTENTIAL, torch.randn(2, 4, 3), torch.randn(2, 4), torch.randn(2, 4),
+                         torch.randn(2, 4))
+    deterministic(True, warn_only=True)
+    assert BACKEND.why_not(_request()) == []
+    with pytest.warns(UserWarning, match="not bit-reproducible"):
+        out = sta.flow_step(z, 0.3, g_pot, g_rot, bank, backend="triton")
+    deterministic(False)
+    assert torch.equal(out.z, sta.flow_step(z, 0.3, g_pot, g_rot, bank, backend="triton").z)

@@ -1,0 +1,302 @@
+"""Ahead-of-time compile check of every Triton kernel of ``sta.kernels``, without a GPU.
+
+``python -m sta.kernels.aot [--jobs 2] [--log FILE] [--json FILE]`` (``TRITON_INTERPRET`` must
+be unset or 0: interpreted kernels cannot be compiled) prints one summary line and exits 1 when
+any compile fails, spills registers or needs more shared memory than the target has.
+
+What is compiled: the launches the launchers themselves make (:func:`sta.kernels.launch.recording`
+runs :func:`~sta.kernels.flow_step.flow_step_fwd`, :func:`~sta.kernels.flow_step.flow_step_bwd`
+and :func:`~sta.kernels.grid_transport.grid_transport_fwd` on small CPU tensors and records the
+arguments instead of launching), over every field kind, curl on/off, the three row-block sizes
+the routing can pick, and every input dtype with its ``tl.dot`` precision (float32 "ieee" and
+"tf32", bfloat16, float16; float32/float64 for grid transport); signatures come from the recorded
+arguments (tensor dtype -> pointer type). Each launch is compiled for sm_80 and sm_90 with every
+autotune config that :func:`sta.kernels.flow_step.keep_configs` keeps for that target, through
+the whole pipeline (ttir .. ptx, then the ptxas bundled with triton); registers and spills come
+from the ptxas log, shared memory from the kernel metadata.
+
+Results are cached (``$STA_AOT_CACHE``, default ``~/.cache/sta/triton_aot.json``) under a key
+holding the kernel sources, the triton version and the compile inputs, so an unchanged kernel is
+not recompiled; ``--no-cache`` compiles everything.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import hashlib
+import io
+import json
+import multiprocessing
+import os
+import re
+import sys
+import time
+from typing import NamedTuple
+
+import torch
+
+if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):  # pragma: no cover - usage error
+    raise RuntimeError("sta.kernels.aot compiles for the GPU: run it with TRITON_INTERPRET unset or 0")
+
+import triton  # noqa: E402
+
+from . import flow_step as fs  # noqa: E402
+from . import grid_transport as gt  # noqa: E402
+from .launch import recording  # noqa: E402
+
+__all__ = ["TARGETS", "SHARED_LIMIT", "Job", "jobs", "run", "main"]
+
+#: compute capability -> the most shared memory one block may use (bytes, opt-in maximum)
+SHARED_LIMIT = {80: 166912, 90: 232448}
+TARGETS = tuple(SHARED_LIMIT)
+
+_SIG = {torch.float32: "fp32", torch.float64: "fp64", torch.bfloat16: "bf16", torch.float16: "fp16",
+        torch.int64: "i64", torch.int32: "i32", torch.bool: "i1"}
+
+#: input dtype -> the tl.dot precision the backend uses for it (fp32: both settings)
+PRECISIONS = {torch.float32: ("ieee", "tf32"), torch.bfloat16: ("bf16",), torch.float16: ("fp16",)}
+
+
+class Job(NamedTuple):
+    """One compile: kernel (module, name), signature, constexprs, target, launch options."""
+
+    module: str
+    name: str
+    signature: tuple  # ((arg name, type), ...): "*fp32", "i32", ..., "constexpr"
+    constexprs: tuple  # ((name, value), ...)
+    label: str  # the launch it comes from: combination, dtype, precision
+    arch: int
+    num_warps: int
+    num_stages: int
+
+    def key(self, salt: str) -> str:
+        return hashlib.sha256(repr((salt, self)).encode()).hexdigest()
+
+
+def _arg_type(value) -> str:
+    if isinstance(value, torch.Tensor):
+        return "*" + _SIG[value.dtype]
+    if isinstance(value, bool):
+        return "i1"
+    if isinstance(value, int):
+        return "i32" if -2**31 <= value < 2**31 else "i64"
+    if isinstance(value, float):
+        return "fp32"
+    raise TypeError(f"cannot type the kernel argument {value!r}")
+
+
+def _flow_step_launches():
+    """(label, Launch) of every flow-step kernel launch the launchers can make."""
+    out = []
+    D, H, K = 5, 7, 1
+    for dtype, precisions in PRECISIONS.items():
+        for precision in precisions:
+            for block_m in (16, 32, 64):  # the three sizes block_m_for can pick
+                # one field with exactly block_m active rows: the routing picks BLOCK_M = block_m
+                z = torch.randn(block_m, D, dtype=dtype)
+                g = torch.ones(block_m, K, dtype=dtype)
+                assert fs.block_m_for(block_m) == block_m
+                P = dict(w=torch.randn(K, H, D, dtype=dtype), c=torch.randn(K, H, dtype=dtype))
+                kinds = [
+                    ("potential", fs.POTENTIAL, False, dict(a=P["c"], de=P["c"])),
+                    ("hamiltonian", fs.HAMILTONIAN, False, dict(a=P["c"], w_out=torch.randn(K, D, H, dtype=dtype))),
+                    ("hamiltonian+curl", fs.HAMILTONIAN, True, dict(a=P["c"], w_out=torch.randn(K, D, H, dtype=dtype),
+                                                                   mat=torch.randn(K, H, H, dtype=dtype))),
+                    ("mlp", fs.MLP, False, dict(w_out=torch.randn(K, D, H, dtype=dtype), b_out=torch.randn(K, D, dtype=dtype),
+                                                mat=torch.randn(K, D, H, dtype=dtype))),
+                ]
+                for name, kind, curl, extra in kinds:
+                    label = f"{name} {str(dtype)[6:]} {precision} BLOCK_M={block_m}"
+                    kw = dict(P, **extra, want_curl=curl, precision=precision)
+                    with recording() as launches:
+                        fs.flow_step_fwd(z, g, kind, **kw)
+                        grads = [torch.ones(block_m, D), torch.ones(block_m), torch.ones(block_m, K), torch.ones(block_m, K)]
+                        fs.flow_step_bwd(*grads, z, g, kind, **kw)
+                    out += [(label, launch) for launch in launches]
+    return out
+
+
+def _grid_launches():
+    out = []
+    for dtype in (torch.float32, torch.float64):
+        for ndim in (2, 3):
+            shape = (4,) * ndim
+            rho = torch.rand(shape, dtype=dtype)
+            faces = tuple(torch.zeros(shape[:a] + (shape[a] + 1,) + shape[a + 1:], dtype=dtype) for a in range(ndim))
+            for periodic in (False, True):
+                for limiter in (0, 1, 2):
+                    label = f"{ndim}-D {str(dtype)[6:]} periodic={periodic} limiter={limiter}"
+                    with recording() as launches:
+                        gt.grid_transport_fwd(rho, faces, (0.1,) * ndim, periodic, limiter)
+                    out += [(label, launch) for launch in launches]
+    return out
+
+
+def jobs(targets=TARGETS) -> list[Job]:
+    """Every compile to run: recorded launch x target x kept config, deduplicated."""
+    seen, result = set(), []
+    for label, launch in _flow_step_launches() + _grid_launches():
+        kernel = launch.kernel
+        autotuned = isinstance(kernel, triton.runtime.Autotuner)
+        fn = kernel.fn if autotuned else kernel
+        meta = dict(launch.meta)
+        for arch in targets:
+            if autotuned:
+                configs = fs.keep_configs(kernel.configs, arch, meta)
+            else:  # the launch options the JIT uses when the launcher passes none
+                configs = [triton.Config({}, num_warps=meta.pop("num_warps", 4), num_stages=meta.pop("num_stages", 3))]
+            for cfg in configs:
+                consts = {**meta, **cfg.kwargs}
+                sig, values = [], iter(launch.args)
+                for p in fn.params:
+                    sig.append((p.name, "constexpr" if p.is_constexpr else _arg_type(next(values))))
+                job = Job(fn.__module__, fn.__name__, tuple(sig), tuple(sorted(consts.items())), label, arch,
+                          cfg.num_warps, cfg.num_stages)
+                ident = job._replace(label="")
+                if ident not in seen:
+                    seen.add(ident)
+                    result.append(job)
+    return result
+
+
+_PTXAS = {
+    "regs": re.compile(r"Used (\d+) registers"),
+    "stack": re.compile(r"(\d+) bytes stack frame"),
+    "spill_stores": re.compile(r"(\d+) bytes spill stores"),
+    "spill_loads": re.compile(r"(\d+) bytes spill loads"),
+}
+
+
+def compile_job(job: Job) -> dict:
+    """Compile one job; returns its registers, spills, shared memory and error (if any)."""
+    from triton import knobs
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    knobs.nvidia.dump_ptxas_log = True  # ptxas -v output goes to stdout: registers and spills
+    knobs.compilation.always_compile = True  # a triton cache hit would print no ptxas log
+    fn = getattr(sys.modules[job.module], job.name)
+    fn = fn.fn if isinstance(fn, triton.runtime.Autotuner) else fn
+    sig = dict(job.signature)
+    attrs = {(i,): [["tt.divisibility", 16]] for i, (_, t) in enumerate(job.signature) if t.startswith("*")}
+    start = time.perf_counter()
+    buf = io.StringIO()
+    res = dict(regs=0, stack=0, spill_stores=0, spill_loads=0, shared=0, error="")
+    try:
+        with contextlib.redirect_stdout(buf):
+            kernel = triton.compile(ASTSource(fn, sig, dict(job.constexprs), attrs),
+                                    target=GPUTarget("cuda", job.arch, 32),
+                                    options=dict(num_warps=job.num_warps, num_stages=job.num_stages))
+        res["shared"] = int(kernel.metadata.shared)
+        log = buf.getvalue()
+        for name, pattern in _PTXAS.items():
+            res[name] = max((int(v) for v in pattern.findall(log)), default=0)
+    except Exception as err:  # a compile error is a result, reported by the caller
+        res["error"] = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"[:300]
+    res["seconds"] = round(time.perf_counter() - start, 3)
+    return res
+
+
+def _salt() -> str:
+    sources = [open(m.__file__).read() for m in (fs, gt)]
+    return hashlib.sha256("\n".join([triton.__version__, *sources]).encode()).hexdigest()
+
+
+def run(job_list, processes=2, cache_path=None):
+    """Compile the jobs (cached results reused); returns (results in job order, cache hits)."""
+    salt = _salt()
+    cache = {}
+    if cache_path and os.path.exists(cache_path):
+        try:
+            with open(cache_path) as f:
+                cache = json.load(f)
+        except (OSError, ValueError):
+            cache = {}
+    keys = [job.key(salt) for job in job_list]
+    todo = [i for i, key in enumerate(keys) if key not in cache]
+    # largest tiles first, so that the pool's two workers finish together
+    todo.sort(key=lambda i: -sum(v for k, v in job_list[i].constexprs if k.startswith("BLOCK") and isinstance(v, int)))
+    if todo:
+        if processes > 1 and len(todo) > 1:
+            with multiprocessing.get_context("fork").Pool(processes) as pool:
+                fresh = pool.map(compile_job, [job_list[i] for i in todo], chunksize=1)
+        else:
+            fresh = [compile_job(job_list[i]) for i in todo]
+        for i, res in zip(todo, fresh):
+            cache[keys[i]] = res
+        if cache_path:
+            os.makedirs(os.path.dirname(cache_path) or ".", exist_ok=True)
+            with open(cache_path + ".tmp", "w") as f:
+                json.dump(cache, f)
+            os.replace(cache_path + ".tmp", cache_path)
+    return [cache[key] for key in keys], len(job_list) - len(todo)
+
+
+def verdict(job: Job, res: dict) -> str:
+    """'' when the compile is usable on its target, else why not."""
+    if res["error"]:
+        return "error: " + res["error"]
+    if res["spill_stores"] or res["spill_loads"] or res["stack"]:
+        return f"spills ({res['spill_stores']} B stores, {res['spill_loads']} B loads, {res['stack']} B stack)"
+    if res["shared"] > SHARED_LIMIT[job.arch]:
+        return f"shared memory {res['shared']} B > {SHARED_LIMIT[job.arch]} B"
+    return ""
+
+
+def summary(job_list, results, seconds, hits) -> str:
+    bad = [verdict(j, r) for j, r in zip(job_list, results)]
+    per_arch = ", ".join(f"sm_{a} {sum(j.arch == a for j in job_list)}" for a in TARGETS)
+    return (f"triton AOT: {len(job_list)} compiles ({per_arch}), "
+            f"{sum(b.startswith('error') for b in bad)} compile errors, "
+            f"{sum(b.startswith('spills') for b in bad)} spilling, "
+            f"{sum(b.startswith('shared') for b in bad)} over shared memory; "
+            f"max {max((r['regs'] for r in results), default=0)} registers, "
+            f"max {max((r['shared'] for r in results), default=0)} B shared; "
+            f"{seconds:.0f} s ({hits} cached)")
+
+
+def table(job_list, results) -> str:
+    """Per-compile table and a per-kernel summary (registers and shared memory, min..max)."""
+    lines = ["kernel | arch | launch | constexprs | warps | stages | regs | spill st/ld | stack | shared | verdict"]
+    for j, r in zip(job_list, results):
+        consts = " ".join(f"{k}={v}" for k, v in j.constexprs if k.startswith("BLOCK"))
+        lines.append(f"{j.name} | sm_{j.arch} | {j.label} | {consts} | {j.num_warps} | {j.num_stages} | {r['regs']} | "
+                     f"{r['spill_stores']}/{r['spill_loads']} | {r['stack']} | {r['shared']} | {verdict(j, r) or 'ok'}")
+    lines += ["", "kernel | arch | compiles | registers min..max | shared B min..max | spilling"]
+    groups = {}
+    for j, r in zip(job_list, results):
+        groups.setdefault((j.name, j.arch), []).append(r)
+    for (name, arch), rs in sorted(groups.items()):
+        regs = [r["regs"] for r in rs]
+        shared = [r["shared"] for r in rs]
+        spill = sum(1 for r in rs if r["spill_stores"] or r["spill_loads"] or r["stack"])
+        lines.append(f"{name} | sm_{arch} | {len(rs)} | {min(regs)}..{max(regs)} | {min(shared)}..{max(shared)} | {spill}")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--jobs", type=int, default=2, help="compile processes (default 2)")
+    parser.add_argument("--log", help="write the per-compile and per-kernel tables here")
+    parser.add_argument("--json", help="write the jobs and results here")
+    parser.add_argument("--no-cache", action="store_true", help="compile everything")
+    args = parser.parse_args(argv)
+    cache = None if args.no_cache else os.environ.get(
+        "STA_AOT_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "sta", "triton_aot.json"))
+    start = time.perf_counter()
+    job_list = jobs()
+    results, hits = run(job_list, args.jobs, cache)
+    line = summary(job_list, results, time.perf_counter() - start, hits)
+    if args.log:
+        with open(args.log, "w") as f:
+            f.write(line + "\n\n" + table(job_list, results) + "\n")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump([dict(job._asdict(), **res, verdict=verdict(job, res)) for job, res in zip(job_list, results)],
+                      f, indent=1)
+    print(line)
+    return 1 if any(verdict(j, r) for j, r in zip(job_list, results)) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
