@@ -88,16 +88,11 @@ def field_traversals(model, x0, steps: int):
     """
     import torch
 
-    K, Kc = model.config.num_fields, model.config.num_coefficients
     with torch.no_grad():
         mu, _ = model.encode(x0)
         out = []
-        for k in range(K):
-            g = torch.zeros(x0.shape[0], steps, Kc)
-            g[..., k] = 1.0
-            if Kc == 2 * K:
-                g[..., K + k] = 1.0
-            z = model.rollout(mu, g)
+        for k in range(model.config.num_fields):
+            z = model.rollout(mu, model.coefficients.unit(k, x0.shape[0], steps))
             out.append(model.mean_image(z.flatten(0, 1)).view(x0.shape[0], steps + 1, *x0.shape[1:]))
     return torch.stack(out)
 
@@ -150,14 +145,7 @@ def _latent_slice(model, x0):
 def _unit_coefficients(model, field: int, n: int = 1):
     """``(g_pot (n, K), g_rot (n, K) or None)``: field ``field`` alone at unit speed (both parts with
     double control)."""
-    import torch
-
-    K, Kc = model.config.num_fields, model.config.num_coefficients
-    g = torch.zeros(n, Kc)
-    g[:, field] = 1.0
-    if Kc == 2 * K:
-        g[:, K + field] = 1.0
-    return model.split_coefficients(g)
+    return model.split_coefficients(model.coefficients.unit(field, n))
 
 
 def plot_latent_flows(model, x0, path: str, resolution: int = 15, t: int = 0) -> str:
@@ -165,8 +153,6 @@ def plot_latent_flows(model, x0, path: str, resolution: int = 15, t: int = 0) ->
     its divergence. The slice passes through the posterior mean of ``x0[0]`` along the two latent
     coordinates in which the encoded ``x0: (N, C, S, S)`` vary most."""
     import torch
-
-    from .ops import flow_step
 
     plt = _pyplot()
     K = model.config.num_fields
@@ -178,12 +164,9 @@ def plot_latent_flows(model, x0, path: str, resolution: int = 15, t: int = 0) ->
         z[:, dims[0]], z[:, dims[1]] = a.flatten(), b.flatten()
         fig, axes = plt.subplots(1, K, figsize=(4.2 * K, 4), squeeze=False)
         for k in range(K):
-            g_pot, g_rot = _unit_coefficients(model, k, z.shape[0])
-            if model.config.model == "linear":
-                velocity, div = g_pot @ model.directions, torch.zeros(z.shape[0])
-            else:
-                out = flow_step(z, float(t), g_pot, g_rot, model.fields, outputs=("z", "div"), backend="torch")
-                velocity, div = out.z - z, out.div
+            # the kind's own transition (fields, or constant directions for linear / slowvae)
+            out = model.step(z, t, model.coefficients.unit(k, z.shape[0]), outputs=("z", "div"), backend="torch")
+            velocity, div = out.z - z, out.div
             ax = axes[0, k]
             q = ax.quiver(a.numpy(), b.numpy(), velocity[:, dims[0]].view(resolution, resolution).numpy(),
                           velocity[:, dims[1]].view(resolution, resolution).numpy(),
@@ -214,7 +197,7 @@ def plot_run(run_dir: str, examples: int = 4) -> list:
         paths.append(plot_loss_curves(metrics, os.path.join(directory, "loss_curves.png")))
     x, _ = load_data(config, "test", num_sequences=max(examples, 16))
     paths.append(plot_reconstructions(model, x, os.path.join(directory, "reconstructions.png"), examples))
-    if config.model.model != "static":
+    if model.has_transitions:
         names = None
         eval_file = os.path.join(run_dir, "eval.json")
         if os.path.exists(eval_file):
@@ -222,7 +205,7 @@ def plot_run(run_dir: str, examples: int = 4) -> list:
                 names = json.load(f).get("field_assignment")
         paths += plot_traversals(model, x[:examples, 0], directory, steps=config.T, names=names)
         paths.append(plot_latent_flows(model, x[:, 0], os.path.join(directory, "latent_flows.png")))
-    if config.model.model in ("sta", "dense"):  # models with learned fields (not linear: constant directions)
+    if model.has_fields:  # learned fields (not linear / slowvae: constant directions)
         paths.append(plot_field_transport(model, x[:, 0], os.path.join(directory, "grid_transport_field0.png")))
     return paths
 

@@ -10,7 +10,8 @@ conv stacks of the same shape on the frame pair, one for the spikes and one for 
                ConvT4x4/2 (2D -> D), ConvT4x4/2 (D -> C)
     posterior  two stacks Conv4x4/2 (2C -> w), Conv4x4/2 (w -> 2w), Conv (S/4)x(S/4) (2w -> 3w),
                Conv1x1 (3w -> 2w), Conv1x1 (2w -> w), w = 100; linear heads: spike logits from the
-               first stack, slab parameters from the second
+               first stack, slab parameters from the second (sta's Laplace location and scale, where
+               the authors' head gave one speed, 2 * sigmoid)
 
 ReLU between the layers of a stack, none after its last layer (as in the authors' code: the linear
 heads read the last convolution directly). The decoder returns logits (the authors end with a
