@@ -153,7 +153,8 @@ def _add_train_arguments(parser) -> None:
     parser.add_argument("--preset", default="quick", help="named configuration: quick (default), paper, tiny")
     parser.add_argument("--steps", type=int, default=None, help="optimizer steps (overrides the preset)")
     parser.add_argument("--out", default=None, help="run directory (default runs/MODEL-DATASET-PRESET)")
-    parser.add_argument("--model", default=None, help="sta (default), static, linear or dense")
+    parser.add_argument("--model", default=None,
+                        help="a model kind (sta.models.MODELS): sta (default), static, linear, dense, betavae, slowvae")
     parser.add_argument("--dataset", default=None, help="digits (default), shapes, sprites or mnist")
     parser.add_argument("--seed", type=int, default=None)
     parser.add_argument("--set", action="append", metavar="KEY=VALUE",

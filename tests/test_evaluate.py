@@ -13,7 +13,7 @@ import torch
 
 import sta.evaluate as evaluate_module
 from sta.evaluate import _f1, equivariance_errors, evaluate, format_table, match_fields
-from sta.model import ModelConfig, STAModel
+from sta.model import MODELS, ModelConfig, STAModel
 from sta.train import apply_overrides, load_data, load_run, preset, train
 
 KEYS = {"run_dir", "model", "dataset", "step", "test_sequences", "frames_per_sequence", "nelbo_per_sequence",
@@ -45,7 +45,7 @@ def tiny_run(model: str, root) -> str:
     return _RUNS[model]
 
 
-@pytest.mark.parametrize("model", ["sta", "static", "dense", "linear"])
+@pytest.mark.parametrize("model", MODELS)
 def test_eval_json_keys_and_sane_values(model, tmp_path_factory):
     run_dir = tiny_run(model, tmp_path_factory.getbasetemp())
     result = evaluate(run_dir, iw_samples=16)
@@ -76,7 +76,7 @@ def test_eval_json_keys_and_sane_values(model, tmp_path_factory):
     per = stored["equivariance_error_per_transformation"]
     assert list(per) == names and all(0.0 <= v <= 1.0 for v in per.values())
     assert stored["identification_chance"] == pytest.approx(1.0 / len(names))
-    if model == "static":
+    if model in ("static", "betavae"):  # no coefficients: identification is the one metric that is n/a
         assert stored["identification_accuracy"] is None and stored["identification_f1"] is None
         assert stored["field_assignment"] is None
     else:
@@ -88,6 +88,7 @@ def test_eval_json_keys_and_sane_values(model, tmp_path_factory):
         assert len(set(matched)) == len(matched) and set(matched) <= set(names)
     table = format_table(result)
     assert f"{model} on digits, step 20" in table and "equivariance error" in table
+    assert ("n/a" in table) == (model in ("static", "betavae")), "every metric that applies is reported"
 
 
 def test_evaluation_is_deterministic(tmp_path_factory):
@@ -107,7 +108,7 @@ def test_identification_recovers_a_known_matching(tmp_path_factory, monkeypatch)
     names = list(ds.transformations)
     perm = [2, 0, 1]  # field k switches on with transformation perm[k]
 
-    def oracle_scores(model, frames, batch_size=64):
+    def oracle_scores(model, frames, batch_size=64, bar=None):
         for data in (ds, ds_single):
             if torch.equal(frames, data.tensors()["x"].float()):
                 return data.tensors()["active"][..., perm].float()
