@@ -5,6 +5,7 @@ Public API::
     sta.FieldBank            the learned fields (potential + rotational), parameters stacked per field
     sta.flow_step            the fused sparse flow step (functional), see help(sta.flow_step)
     sta.FlowStepOut          its result
+    sta.flow_path            T chained flow steps in one call (a sequence's whole latent path)
     sta.nn.SparseFlowLayer   drop-in module over flow_step, with the log-density update
     sta.latent_grid          the field mix sampled on a 2-D/3-D grid of latent coordinates (sta.grid)
     sta.grid_transport       one conservative finite-volume step of the density; sta.transport_for
@@ -17,6 +18,7 @@ from .backends import BackendUnavailableError
 from .fields import FieldBank, PotentialFields, RotationalFields, TimeEmbedding
 from .grid import LatentGrid, grid_curl, grid_divergence, grid_transport, latent_grid, transport_for
 from .ops import OUTPUT_NAMES, FlowStepOut, flow_step
+from .path import FlowPathOut, flow_path
 
 __version__ = "0.1.0"
 
@@ -27,6 +29,8 @@ __all__ = [
     "TimeEmbedding",
     "flow_step",
     "FlowStepOut",
+    "flow_path",
+    "FlowPathOut",
     "OUTPUT_NAMES",
     "BackendUnavailableError",
     "LatentGrid",

@@ -138,12 +138,17 @@ class PotentialFields(nn.Module):
     def _scale_output(self, factor: Tensor) -> None:
         self.a.mul_(factor[:, None])
 
-    def prepare(self, t: Union[float, Tensor], active: Optional[Tensor] = None) -> PotentialParams:
+    def prepare(self, t: Union[float, Tensor], active: Optional[Tensor] = None,
+                reuse: Optional[PotentialParams] = None) -> PotentialParams:
         """Per-step parameters: ``PotentialParams(W: (K,H,D), c = b + e(t): (K,H), a: (K,H), de: (K,H))``.
 
         ``active: (K,) bool`` (or None: every field): the other fields' parameters become zeros.
+        ``reuse``: the parameters of an earlier step with the same ``active``; only the members that
+        depend on t (c, de) are recomputed (:func:`sta.flow_path` prepares a whole path this way).
         """
         e, de = self.time(as_time_tensor(t, self.W), active)
+        if reuse is not None:
+            return reuse._replace(c=gate(self.b, active) + e, de=de)
         return PotentialParams(gate(self.W, active), gate(self.b, active) + e, gate(self.a, active), de)
 
     def potential(self, z: Tensor, t: Union[float, Tensor]) -> Tensor:
@@ -228,13 +233,21 @@ class RotationalFields(nn.Module):
         uv = gate(self.U, active) @ gate(self.V, active).transpose(1, 2)
         return uv - uv.transpose(1, 2)
 
-    def prepare(self, t: Union[float, Tensor], active: Optional[Tensor] = None) -> Union[HamiltonianParams, MLPParams]:
+    def prepare(self, t: Union[float, Tensor], active: Optional[Tensor] = None,
+                reuse: Union[HamiltonianParams, MLPParams, None] = None) -> Union[HamiltonianParams, MLPParams]:
         """Per-step parameters (see :class:`sta.reference.HamiltonianParams` / ``MLPParams``).
 
         ``active: (K,) bool`` (or None: every field): the other fields' parameters become zeros.
+        ``reuse``: the parameters of an earlier step with the same ``active``; only the hidden bias
+        ``b + e(t)`` is recomputed, so ``M = A W^T`` (the costly ``(K, D, D) x (K, D, H)`` product) is
+        formed once per path, not once per step.
         """
         ref = self.time.weight
         e, _ = self.time(as_time_tensor(t, ref), active)
+        if reuse is not None:
+            if self.construction == "hamiltonian":
+                return reuse._replace(c=gate(self.b, active) + e)
+            return reuse._replace(c1=gate(self.b1, active) + e)
         if self.construction == "hamiltonian":
             W = gate(self.W, active)
             M = self.skew(active) @ W.transpose(1, 2)  # (K, D, H): r_k = M_k (a_k * s')

@@ -209,6 +209,14 @@ def flow_step(
     )
     impl = select(request, backend)
     pot_params, rot_params = prepare_step(fields, t, g_pot, g_rot)
+    return apply_step(impl, z, g_pot, g_rot, pot_params, rot_params, fields.construction, dt, want)
+
+
+def apply_step(impl, z: Tensor, g_pot: Optional[Tensor], g_rot: Optional[Tensor], pot_params, rot_params,
+               construction: str, dt: float, want: frozenset) -> FlowStepOut:
+    """The part of :func:`flow_step` after validation, dispatch and :func:`prepare_step`: run the
+    backend ``impl`` on prepared per-step parameters and assemble the requested outputs.
+    Shared by :func:`flow_step` and :func:`sta.flow_path` (which prepares a whole path at once)."""
     velocity = None
     div = z.new_zeros(z.shape[0]) if "div" in want else None
     result = {}
@@ -220,7 +228,7 @@ def flow_step(
         result.update(hj=terms.hj, u=terms.u, curl_pot=terms.curl)
     if rot_params is not None:
         rot_want = tuple(sorted(want & {"div", "div_rot", "curl"}))
-        if fields.construction == "hamiltonian":
+        if construction == "hamiltonian":
             terms = impl.hamiltonian_terms(z, g_rot, rot_params, rot_want)
         else:
             terms = impl.mlp_terms(z, g_rot, rot_params, rot_want)

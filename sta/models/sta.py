@@ -14,6 +14,7 @@ from torch import Tensor, nn
 
 from ..fields import FieldBank
 from ..ops import flow_step
+from ..path import flow_path
 from .base import CoefficientModel
 from .registry import register
 
@@ -52,31 +53,24 @@ class STA(CoefficientModel):
                          backend=self.config.backend).div
 
     def transport(self, z0: Tensor, g: Tensor):
+        """The posterior path in one :func:`sta.flow_path` call. No host synchronisation: the
+        penalty normalisers (counts of active pairs) stay tensors on the device."""
         c = self.config
         B, T = g.shape[:2]
-        zero = z0.new_zeros(())
         outputs = ["z", "div", "hj"]
         if c.rotational == "mlp":
             outputs.append("div_rot")
-        zs, cum, path = [z0], z0.new_zeros(B), z0.new_zeros(B)
-        hj_sum, hj_count, dr_sum, dr_count = zero, 0, zero, 0
-        for t in range(T):
-            out = self.step(zs[-1], t, g[:, t], outputs=tuple(outputs))
-            # log q_{t+1} - log p_{t+1} = (log q_0 - log p_0) - sum_{s<=t} (div_s - div^prior_s)
-            cum = cum + out.div - self.prior_divergence(zs[-1], t, g[:, t])
-            path = path - cum
-            g_pot, g_rot = self.split_coefficients(g[:, t])
-            active = g_pot != 0
-            hj_sum = hj_sum + (out.hj * out.hj).sum()
-            hj_count += int(active.sum())
-            if out.div_rot is not None and g_rot is not None:
-                dr_sum = dr_sum + (out.div_rot * out.div_rot).sum()
-                dr_count += int((g_rot != 0).sum())
-            zs.append(out.z)
-        hj = hj_sum / max(hj_count, 1)
-        active0 = self.split_coefficients(g[:, 0])[0] != 0
-        if active0.any():  # boundary condition: |grad u_k(z, 0)|^2 on the pairs active at t = 0
-            v = self.fields.potential.velocity(z0, 0.0)  # (B, K, D)
-            hj = hj + ((v * v).sum(-1) * active0).sum() / active0.sum()
-        div_pen = dr_sum / max(dr_count, 1)
-        return torch.stack(zs, 1), path, c.lambda_hj * hj, c.lambda_div * div_pen
+        g_pot, g_rot = self.split_coefficients(g)  # (B, T, Kp), (B, T, Kr) or None
+        out = flow_path(z0, 0.0, g_pot, g_rot, self.fields, outputs=tuple(outputs), backend=c.backend)
+        zs = out.z  # (B, T+1, D)
+        prior_div = torch.stack([self.prior_divergence(zs[:, t], t, g[:, t]) for t in range(T)], 1)  # (B, T)
+        # log q_{t+1} - log p_{t+1} = (log q_0 - log p_0) - sum_{s<=t} (div_s - div^prior_s)
+        path = -torch.cumsum(out.div - prior_div, 1).sum(1)
+        hj = (out.hj * out.hj).sum() / (g_pot != 0).sum().clamp_min(1)
+        active0 = g_pot[:, 0] != 0  # boundary condition: |grad u_k(z, 0)|^2 on the pairs active at t = 0
+        v = self.fields.potential.velocity(z0, 0.0)  # (B, K, D)
+        hj = hj + ((v * v).sum(-1) * active0).sum() / active0.sum().clamp_min(1)
+        div_pen = z0.new_zeros(())
+        if out.div_rot is not None and g_rot is not None:
+            div_pen = (out.div_rot * out.div_rot).sum() / (g_rot != 0).sum().clamp_min(1)
+        return zs, path, c.lambda_hj * hj, c.lambda_div * div_pen

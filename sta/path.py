@@ -1,0 +1,138 @@
+"""The whole latent path of a sequence in one call: ``flow_path`` = T chained ``flow_step`` calls.
+
+What a training iteration needs from the flow ops is not one step but the T transitions of every
+sequence in the batch. Calling :func:`sta.flow_step` T times re-forms, at every step, the field
+parameters that do not depend on t -- above all ``M = A W^T`` of the hamiltonian rotational fields,
+a ``(K, D, D) x (K, D, H)`` batched product that dominated a training iteration at D = 1024, K = 32
+(see benchmarks/bench_train.py). :func:`flow_path` validates and dispatches once, prepares those
+parameters once per call (the hidden bias ``b + e(t)`` is the only per-step part), and autograd then
+accumulates their gradient across the steps into one backward product instead of T.
+"""
+from __future__ import annotations
+
+from typing import Iterable, NamedTuple, Optional, Union
+
+import torch
+from torch import Tensor
+
+from .backends import StepRequest, select
+from .fields import FieldBank
+from .ops import _active_fields, _check_inputs, _dtype_name, apply_step
+
+__all__ = ["flow_path", "FlowPathOut"]
+
+
+class FlowPathOut(NamedTuple):
+    """Outputs of :func:`flow_path`, stacked per step (None unless requested).
+
+    z: (B, T+1, D) with ``z[:, 0] = z0``; div: (B, T); hj: (B, T, Kp); div_rot: (B, T, Kr);
+    curl: (B, T, Kp+Kr); u: (B, T, Kp).
+    """
+
+    z: Optional[Tensor] = None
+    div: Optional[Tensor] = None
+    hj: Optional[Tensor] = None
+    div_rot: Optional[Tensor] = None
+    curl: Optional[Tensor] = None
+    u: Optional[Tensor] = None
+
+
+def _check_path_coefficients(name: str, g, z0: Tensor, K: int, T: Optional[int]) -> Optional[Tensor]:
+    if g is None:
+        return None
+    if not isinstance(g, Tensor):
+        raise TypeError(f"{name}: expected a Tensor of shape (B, T, {K}), got {type(g).__name__}")
+    if g.dim() != 3 or g.shape[0] != z0.shape[0] or g.shape[2] != K or (T is not None and g.shape[1] != T):
+        want = f"({z0.shape[0]}, {'T' if T is None else T}, {K})"
+        raise ValueError(f"{name}: expected shape (B, T, K) = {want}, got {tuple(g.shape)}")
+    if g.dtype != z0.dtype:
+        raise TypeError(f"{name}: expected dtype {_dtype_name(z0.dtype)} (that of z0), got {_dtype_name(g.dtype)}")
+    return g
+
+
+def flow_path(
+    z0: Tensor,
+    t0: Union[float, Tensor],
+    g_pot: Optional[Tensor],
+    g_rot: Optional[Tensor],
+    fields: FieldBank,
+    dt: float = 1.0,
+    outputs: Iterable[str] = ("z", "div"),
+    backend: str = "auto",
+) -> FlowPathOut:
+    """T fused sparse flow steps in one call; equal to chaining :func:`sta.flow_step`.
+
+    Step t (t = 0..T-1) runs at time ``t0 + t * dt`` from ``z[:, t]`` with coefficients
+    ``g_pot[:, t]``, ``g_rot[:, t]``, and gives ``z[:, t+1]``. Forward values and gradients equal
+    those of T chained ``flow_step`` calls (same backend, same sparsity contract: a zero coefficient
+    is not evaluated and receives no gradient).
+
+    Args:
+        z0: (B, D) initial latents (float32 or float64).
+        t0: time of the first step, a float or a 0-dim tensor (differentiable).
+        g_pot: (B, T, Kp) potential coefficients per step, or None (all zero).
+        g_rot: (B, T, Kr) rotational coefficients per step, or None (all zero).
+            At least one of g_pot, g_rot must be given (it fixes T).
+        fields: a :class:`sta.FieldBank` with ``dim == D``.
+        dt: step size, a finite float.
+        outputs: names from ``("z", "div", "hj", "div_rot", "curl", "u")``.
+        backend: as for :func:`sta.flow_step`; chosen once for the whole path.
+
+    Returns:
+        :class:`FlowPathOut`: z (B, T+1, D), div (B, T), hj (B, T, Kp), div_rot (B, T, Kr),
+        curl (B, T, Kp+Kr), u (B, T, Kp); None unless requested.
+
+    The field parameters that do not depend on t are prepared once, with the fields that have no
+    active pair anywhere in the path replaced by zeros (so, as for flow_step, their gradients are
+    exactly 0 whatever they hold).
+    """
+    if not isinstance(fields, FieldBank):
+        raise TypeError(f"fields: expected a sta.FieldBank, got {type(fields).__name__}")
+    if not isinstance(z0, Tensor):
+        raise TypeError(f"z0: expected a Tensor of shape (B, {fields.dim}), got {type(z0).__name__}")
+    if z0.dim() != 2:
+        raise ValueError(f"z0: expected shape (B, D) with D = fields.dim = {fields.dim}, got {tuple(z0.shape)}")
+    if g_pot is None and g_rot is None:
+        raise ValueError("g_pot, g_rot: at least one must be a (B, T, K) tensor (it gives the number of steps T)")
+    g_pot = _check_path_coefficients("g_pot", g_pot, z0, fields.num_potential, None)
+    g_rot = _check_path_coefficients("g_rot", g_rot, z0, fields.num_rotational,
+                                     None if g_pot is None else g_pot.shape[1])
+    B, T = z0.shape[0], (g_pot if g_pot is not None else g_rot).shape[1]
+    if g_pot is None:
+        g_pot = z0.new_zeros(B, T, fields.num_potential)
+    if g_rot is None:
+        g_rot = z0.new_zeros(B, T, fields.num_rotational)
+    # Every per-step check of flow_step (z, devices, dtypes of the parameters, t, dt, outputs), once.
+    _, _, want = _check_inputs(z0, t0, g_pot[:, 0] if T else g_pot.new_zeros(B, fields.num_potential),
+                               g_rot[:, 0] if T else g_rot.new_zeros(B, fields.num_rotational), fields, dt, outputs)
+    request = StepRequest(
+        device=z0.device, dtype=z0.dtype, B=B, D=fields.dim, H=fields.hidden,
+        Kp=fields.num_potential, Kr=fields.num_rotational, rotational=fields.construction,
+        outputs=want, requires_grad=torch.is_grad_enabled(),
+    )
+    impl = select(request, backend)
+    # Fields with an active pair somewhere in the path: (Kp,) / (Kr,) bool, on the device (no sync).
+    active_pot = _active_fields(g_pot.flatten(0, 1))
+    active_rot = _active_fields(g_rot.flatten(0, 1))
+    pot = rot = None
+    steps = []
+    z = z0
+    for t in range(T):
+        time = t0 + t * dt
+        if fields.num_potential:
+            pot = fields.potential.prepare(time, active_pot, reuse=pot)
+        if fields.num_rotational:
+            rot = fields.rotational.prepare(time, active_rot, reuse=rot)
+        out = apply_step(impl, z, g_pot[:, t], g_rot[:, t], pot, rot, fields.construction, dt, want | {"z"})
+        z = out.z
+        steps.append(out)
+    result = {"z": torch.stack([z0] + [s.z for s in steps], 1)} if "z" in want else {}
+    for name in ("div", "hj", "div_rot", "curl", "u"):
+        if name in want:
+            width = {"div": None, "hj": fields.num_potential, "div_rot": fields.num_rotational,
+                     "curl": fields.num_potential + fields.num_rotational, "u": fields.num_potential}[name]
+            if T:
+                result[name] = torch.stack([getattr(s, name) for s in steps], 1)
+            else:
+                result[name] = z0.new_zeros((B, 0) if width is None else (B, 0, width))
+    return FlowPathOut(**result)

@@ -1,0 +1,152 @@
+"""sta.flow_path: equal to T chained flow_step calls, forward and every gradient, on every backend."""
+import pytest
+import torch
+
+import sta
+from sta.backends import BackendUnavailableError
+from tests.tolerances import assert_close
+
+OUTPUTS = ("z", "div", "hj", "div_rot", "curl", "u")
+# (backend, dtype): float64 on torch and cpu (1e-10), float32 on triton under the interpreter,
+# cuda (float32) only with a GPU.
+CASES = [("torch", torch.float64), ("cpu", torch.float64), ("triton", torch.float32),
+         pytest.param("cuda", torch.float32, marks=pytest.mark.gpu)]
+CONSTRUCTIONS = [("hamiltonian", None), ("hamiltonian", 2), ("mlp", None)]
+
+
+def _bank(construction, rank, dtype, device, D=5, Kp=3, Kr=2, H=6):
+    torch.manual_seed(1)
+    return sta.FieldBank(D, Kp, Kr, H, construction, rank).to(device=device, dtype=dtype)
+
+
+def _coefficients(B, T, K, pattern, dtype, device):
+    g = torch.rand(B, T, K, dtype=dtype, device=device) + 0.1
+    if pattern == "off":
+        return torch.zeros_like(g)
+    if pattern == "mixed":
+        return g * (torch.rand(B, T, K, device=device) > 0.5)
+    return g
+
+
+def _chained(z0, t0, g_pot, g_rot, fields, dt, backend, outputs):
+    z, steps = z0, []
+    for t in range(g_pot.shape[1]):
+        out = sta.flow_step(z, t0 + t * dt, g_pot[:, t], g_rot[:, t], fields, dt=dt, outputs=outputs,
+                            backend=backend)
+        steps.append(out)
+        z = out.z
+    stacked = {"z": torch.stack([z0] + [s.z for s in steps], 1)}
+    for name in outputs:
+        if name != "z":
+            stacked[name] = torch.stack([getattr(s, name) for s in steps], 1)
+    return stacked
+
+
+def _device(backend):
+    return torch.device("cuda") if backend in ("cuda",) or (backend == "triton" and torch.cuda.is_available()) \
+        else torch.device("cpu")
+
+
+STEPS_AND_PATTERNS = [(1, "mixed"), (3, "off"), (3, "mixed"), (3, "on"), (8, "mixed")]
+
+
+@pytest.mark.parametrize("backend,dtype", CASES)
+@pytest.mark.parametrize("construction,rank", CONSTRUCTIONS)
+@pytest.mark.parametrize("T,pattern", STEPS_AND_PATTERNS)
+def test_flow_path_equals_chained_flow_step(backend, dtype, construction, rank, T, pattern, one_thread):
+    device = _device(backend)
+    fields = _bank(construction, rank, dtype, device)
+    B, dt, t0 = 4, 0.3, 0.25
+    z0 = torch.randn(B, fields.dim, dtype=dtype, device=device, requires_grad=True)
+    g_pot = _coefficients(B, T, fields.num_potential, pattern, dtype, device).requires_grad_()
+    g_rot = _coefficients(B, T, fields.num_rotational, pattern, dtype, device).requires_grad_()
+    outputs = OUTPUTS if construction != "mlp" else tuple(o for o in OUTPUTS if o != "curl")
+    got = sta.flow_path(z0, t0, g_pot, g_rot, fields, dt=dt, outputs=outputs, backend=backend)
+    want = _chained(z0, t0, g_pot, g_rot, fields, dt, backend, outputs)
+    for name in outputs:
+        assert_close(getattr(got, name), want[name], dtype, what=f"{backend} {name}")
+    inputs = [z0, g_pot, g_rot] + list(fields.parameters())
+    weights = {name: torch.randn_like(want[name]) for name in outputs}  # a random cotangent per output
+
+    def loss(outs):
+        return sum((outs[n] * weights[n]).sum() for n in outputs)
+
+    grads_got = torch.autograd.grad(loss(got._asdict()), inputs, allow_unused=True)
+    grads_want = torch.autograd.grad(loss(want), inputs, allow_unused=True)
+    names = ["z0", "g_pot", "g_rot"] + [n for n, _ in fields.named_parameters()]
+    for name, a, b in zip(names, grads_got, grads_want):
+        if b is None:
+            assert a is None or not a.abs().max() > 0, f"{backend} grad {name}: only flow_path has a gradient"
+        else:
+            assert a is not None, f"{backend} grad {name}: missing"
+            assert_close(a, b, dtype, what=f"{backend} grad {name}")
+    if pattern == "off":  # nothing active: z never moves and no parameter receives a gradient
+        assert torch.equal(got.z, z0.detach()[:, None].expand(-1, T + 1, -1))
+        for name, a in zip(names[3:], grads_got[3:]):
+            assert a is None or torch.count_nonzero(a) == 0, name
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpu"])
+def test_flow_path_empty_batch_and_zero_steps(backend):
+    fields = _bank("hamiltonian", None, torch.float64, "cpu")
+    z0 = torch.zeros(0, fields.dim, dtype=torch.float64)
+    out = sta.flow_path(z0, 0.0, torch.zeros(0, 3, 3, dtype=torch.float64), None, fields,
+                        outputs=("z", "div", "hj"), backend=backend)
+    assert out.z.shape == (0, 4, fields.dim) and out.div.shape == (0, 3) and out.hj.shape == (0, 3, 3)
+    z0 = torch.randn(2, fields.dim, dtype=torch.float64)
+    out = sta.flow_path(z0, 0.0, torch.zeros(2, 0, 3, dtype=torch.float64), None, fields,
+                        outputs=("z", "div", "u"), backend=backend)
+    assert torch.equal(out.z[:, 0], z0) and out.z.shape == (2, 1, fields.dim)
+    assert out.div.shape == (2, 0) and out.u.shape == (2, 0, 3)
+
+
+def test_flow_path_gradcheck_float64():
+    """Finite differences wrt z0, t0 and the coefficients (all non-zero: a zero coefficient's
+    gradient is 0 by contract, which finite differences across 0 do not see)."""
+    fields = _bank("hamiltonian", None, torch.float64, "cpu", D=3, Kp=2, Kr=1, H=3)
+    z0 = torch.randn(2, 3, dtype=torch.float64, requires_grad=True)
+    t0 = torch.tensor(0.1, dtype=torch.float64, requires_grad=True)
+    g_pot = (torch.rand(2, 2, 2, dtype=torch.float64) + 0.5).requires_grad_()
+    g_rot = (torch.rand(2, 2, 1, dtype=torch.float64) + 0.5).requires_grad_()
+
+    def fn(z0, t0, g_pot, g_rot):
+        out = sta.flow_path(z0, t0, g_pot, g_rot, fields, outputs=("z", "div", "hj"), backend="torch")
+        return out.z, out.div, out.hj
+
+    assert torch.autograd.gradcheck(fn, (z0, t0, g_pot, g_rot))
+
+
+def test_flow_path_bad_inputs_name_the_argument():
+    fields = _bank("hamiltonian", None, torch.float32, "cpu")
+    z0 = torch.randn(2, fields.dim)
+    with pytest.raises(ValueError, match="g_pot, g_rot"):
+        sta.flow_path(z0, 0.0, None, None, fields)
+    with pytest.raises(ValueError, match="g_pot: expected shape"):
+        sta.flow_path(z0, 0.0, torch.zeros(2, 3), None, fields)
+    with pytest.raises(ValueError, match="g_rot: expected shape"):
+        sta.flow_path(z0, 0.0, torch.zeros(2, 3, 3), torch.zeros(2, 4, 2), fields)
+    with pytest.raises(TypeError, match="g_pot: expected dtype"):
+        sta.flow_path(z0, 0.0, torch.zeros(2, 3, 3, dtype=torch.float64), None, fields)
+    with pytest.raises(ValueError, match="z0: expected shape"):
+        sta.flow_path(z0[0], 0.0, torch.zeros(2, 3, 3), None, fields)
+    with pytest.raises(TypeError, match="fields"):
+        sta.flow_path(z0, 0.0, torch.zeros(2, 3, 3), None, object())
+    with pytest.raises(ValueError, match="dt"):
+        sta.flow_path(z0, 0.0, torch.zeros(2, 3, 3), None, fields, dt=float("nan"))
+    with pytest.raises(BackendUnavailableError):
+        sta.flow_path(z0, 0.0, torch.zeros(2, 3, 3), None, fields, backend="cuda")
+
+
+def test_flow_path_prepares_the_skew_product_once(monkeypatch):
+    """M = A W^T (the costly per-step product of the hamiltonian fields) is formed once per path."""
+    fields = _bank("hamiltonian", None, torch.float32, "cpu")
+    calls = []
+    original = type(fields.rotational).skew
+
+    def counting_skew(self, *args, **kwargs):
+        calls.append(1)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(type(fields.rotational), "skew", counting_skew)
+    sta.flow_path(torch.randn(2, fields.dim), 0.0, torch.rand(2, 8, 3), torch.rand(2, 8, 2), fields)
+    assert len(calls) == 1
