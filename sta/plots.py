@@ -44,9 +44,10 @@ def plot_loss_curves(metrics_file: str, path: str) -> str:
                 continue
     keys = ["loss", "recon", "kl_path", "kl_spike", "kl_slab", "hj"]
     fig, axes = plt.subplots(2, 3, figsize=(12, 6))
-    steps = [r["step"] for r in records]
     for ax, key in zip(axes.flat, keys):
-        values = [r[key] for r in records]
+        # a skipped (non-finite) step logs null: leave it out of the curve
+        points = [(r["step"], r[key]) for r in records if r.get(key) is not None]
+        steps, values = [p[0] for p in points], [p[1] for p in points]
         ax.plot(steps, values, lw=1)
         if values and min(values) > 0:
             ax.set_yscale("log")
@@ -148,10 +149,15 @@ def _unit_coefficients(model, field: int, n: int = 1):
     return model.split_coefficients(model.coefficients.unit(field, n))
 
 
-def plot_latent_flows(model, x0, path: str, resolution: int = 15, t: int = 0) -> str:
+def plot_latent_flows(model, x0, path: str, resolution: int = 15, t: int = 0, names=None) -> str:
     """The velocity of each field (unit coefficient) on a 2-D slice of latent space, coloured by
     its divergence. The slice passes through the posterior mean of ``x0[0]`` along the two latent
-    coordinates in which the encoded ``x0: (N, C, S, S)`` vary most."""
+    coordinates in which the encoded ``x0: (N, C, S, S)`` vary most.
+
+    names: the true transformation matched to each field (eval.json ``field_assignment``, the
+    evaluation's Hungarian matching), shown in the titles; None: titles say the fields are unmatched.
+    Arrows share one scale per panel: the longest spans 0.9 grid spacings (its length, max |v|, is in
+    the title), so a slow field is as readable as a fast one."""
     import torch
 
     plt = _pyplot()
@@ -168,11 +174,16 @@ def plot_latent_flows(model, x0, path: str, resolution: int = 15, t: int = 0) ->
             out = model.step(z, t, model.coefficients.unit(k, z.shape[0]), outputs=("z", "div"), backend="torch")
             velocity, div = out.z - z, out.div
             ax = axes[0, k]
-            q = ax.quiver(a.numpy(), b.numpy(), velocity[:, dims[0]].view(resolution, resolution).numpy(),
-                          velocity[:, dims[1]].view(resolution, resolution).numpy(),
-                          div.view(resolution, resolution).numpy(), cmap="coolwarm")
+            u, w = velocity[:, dims[0]], velocity[:, dims[1]]
+            longest = (u.square() + w.square()).sqrt().max().item()
+            spacing = min((v[1] - v[0]).item() for v in axes_values)
+            q = ax.quiver(a.numpy(), b.numpy(), u.view(resolution, resolution).numpy(),
+                          w.view(resolution, resolution).numpy(), div.view(resolution, resolution).numpy(),
+                          cmap="coolwarm", angles="xy", scale_units="xy", scale=max(longest, 1e-12) / (0.9 * spacing),
+                          width=0.007, headwidth=3.5, headlength=4, pivot="mid")
             fig.colorbar(q, ax=ax, label="divergence")
-            ax.set_title(f"field {k}, t = {t}")
+            matched = f"matched: {names[k]}" if names and names[k] else "unmatched"
+            ax.set_title(f"field {k} ({matched})\nunit speed, t = {t}, max |v| = {longest:.2g}", fontsize=11)
             ax.set_xlabel(f"z[{dims[0]}]")
             ax.set_ylabel(f"z[{dims[1]}]")
     fig.tight_layout()
@@ -188,10 +199,10 @@ def plot_run(run_dir: str, examples: int = 4) -> list:
 
     from .train import load_data, load_run
 
-    config, model, _ = load_run(run_dir)
+    config, model, ckpt = load_run(run_dir)
     directory = os.path.join(run_dir, "plots")
     os.makedirs(directory, exist_ok=True)
-    paths = []
+    paths, names = [], None  # names: the true transformation matched to each field, from eval.json
     metrics = os.path.join(run_dir, "metrics.jsonl")
     if os.path.exists(metrics):
         paths.append(plot_loss_curves(metrics, os.path.join(directory, "loss_curves.png")))
@@ -202,16 +213,20 @@ def plot_run(run_dir: str, examples: int = 4) -> list:
         eval_file = os.path.join(run_dir, "eval.json")
         if os.path.exists(eval_file):
             with open(eval_file) as f:
-                names = json.load(f).get("field_assignment")
+                evaluation = json.load(f)
+            if evaluation.get("step") == ckpt["step"]:  # a stale eval.json matched other weights
+                names = evaluation.get("field_assignment")
         paths += plot_traversals(model, x[:examples, 0], directory, steps=config.T, names=names)
-        paths.append(plot_latent_flows(model, x[:, 0], os.path.join(directory, "latent_flows.png")))
+        paths.append(plot_latent_flows(model, x[:, 0], os.path.join(directory, "latent_flows.png"), names=names))
     if model.has_fields:  # learned fields (not linear / slowvae: constant directions)
-        paths.append(plot_field_transport(model, x[:, 0], os.path.join(directory, "grid_transport_field0.png")))
+        name = names[0] if names and names[0] else None
+        paths.append(plot_field_transport(model, x[:, 0], os.path.join(directory, "grid_transport_field0.png"),
+                                          title=f"field 0 ({'matched: ' + name if name else 'unmatched'}), unit speed"))
     return paths
 
 
 def plot_field_transport(model, x0, path: str, field: int = 0, time: float = 2.0, t: float = 0.0,
-                         shape=(64, 64), particles: int = 2000) -> str:
+                         shape=(64, 64), particles: int = 2000, title=None) -> str:
     """Density evolution under one learned field (unit speed, alone) on the latent slice of
     :func:`plot_latent_flows`, next to the particle picture: :func:`plot_grid_transport` on the
     model's field bank. ``x0: (N, C, S, S)`` chooses the slice; ``time`` is in transitions.
@@ -230,14 +245,14 @@ def plot_field_transport(model, x0, path: str, field: int = 0, time: float = 2.0
     extent = max(2.5 * max(spread[dims[0]].item(), spread[dims[1]].item()), 2 * time * v[dims].norm().item(), 1e-3)
     return plot_grid_transport(model.fields, path, center=centre, dims=dims, extent=extent, shape=shape,
                                g_pot=g_pot[0], g_rot=None if g_rot is None else g_rot[0], t=t, time=time,
-                               particles=particles)
+                               particles=particles, title=title)
 
 
 # --- latent grid transport plots (sta.grid): density evolution next to the particle picture ---
 
 def plot_grid_transport(fields, path: str, *, center=None, dims=(0, 1), extent: float = 3.0, shape=(96, 96),
                         g_pot=None, g_rot=None, t: float = 0.0, time: float = 2.0, frames: int = 4,
-                        sigma=None, particles: int = 3000, backend: str = "auto") -> str:
+                        sigma=None, particles: int = 3000, backend: str = "auto", title=None) -> str:
     """The Eulerian and Lagrangian pictures of one field mix, side by side, over ``time``.
 
     Top row: a Gaussian bump (std ``sigma``, default extent / 4, centred on ``center`` in the plane
@@ -251,7 +266,7 @@ def plot_grid_transport(fields, path: str, *, center=None, dims=(0, 1), extent: 
     Args:
         fields: a :class:`sta.FieldBank`; center: (D,) (default 0); g_pot: (Kp,) / g_rot: (Kr,)
             coefficients (or floats, or None); t: the field time; others as in :func:`sta.latent_grid`.
-        path: the PNG to write. Returns ``path``.
+        path: the PNG to write; title: a line above both rows (e.g. which field). Returns ``path``.
     """
     import math
 
@@ -287,30 +302,37 @@ def plot_grid_transport(fields, path: str, *, center=None, dims=(0, 1), extent: 
     vmax = max(d.max().item() for d in densities)
     lq_all = torch.cat([c[1] for c in clouds]).cpu()
     lq_lo, lq_hi = torch.quantile(lq_all, 0.02).item(), lq_all.max().item()
-    fig, axes = plt.subplots(2, frames, figsize=(3.2 * frames, 6.4), squeeze=False)
+    # constrained layout: room for the row colour bars and the title (tight_layout cannot place them)
+    fig, axes = plt.subplots(2, frames, figsize=(3.3 * frames + 1.2, 7.0), squeeze=False, layout="constrained")
     for k in range(frames):
         ax = axes[0, k]
-        ax.imshow(densities[k].T.cpu().numpy(), origin="lower", extent=(lo0, hi0, lo1, hi1), cmap="magma",
-                  vmin=0, vmax=vmax, aspect="auto")
-        ax.set_title(f"grid  t = {times[k]:.2f}  mass {densities[k].sum().item() * grid.dx[0] * grid.dx[1]:.3f}",
-                     fontsize=8)
+        image = ax.imshow(densities[k].T.cpu().numpy(), origin="lower", extent=(lo0, hi0, lo1, hi1), cmap="magma",
+                          vmin=0, vmax=vmax, aspect="auto")
+        ax.set_title(f"grid, t = {times[k]:.2f}\nmass {densities[k].sum().item() * grid.dx[0] * grid.dx[1]:.3f}",
+                     fontsize=11)
         if k == 0:
             step = max(1, shape[0] // 16)
             c0, c1 = grid.coords[0][::step].cpu(), grid.coords[1][::step].cpu()
             v = grid.plane[::step, ::step].cpu()
-            ax.quiver(*torch.meshgrid(c0, c1, indexing="ij"), v[..., 0], v[..., 1], color="white", alpha=0.7)
+            # longest arrow = 0.9 arrow spacings (matplotlib's default autoscale drew them tiny)
+            longest = max(v.norm(dim=-1).max().item(), 1e-12)
+            ax.quiver(*torch.meshgrid(c0, c1, indexing="ij"), v[..., 0], v[..., 1], color="white", alpha=0.8,
+                      angles="xy", scale_units="xy", scale=longest / (0.9 * step * min(grid.dx)), pivot="mid")
         ax = axes[1, k]
         zk, lq = clouds[k]
         zk = zk.cpu()
-        ax.scatter(zk[:, dims[0]], zk[:, dims[1]], c=lq.cpu().clamp(lq_lo, lq_hi), s=2, cmap="magma",
-                   vmin=lq_lo, vmax=lq_hi)
+        cloud = ax.scatter(zk[:, dims[0]], zk[:, dims[1]], c=lq.cpu().clamp(lq_lo, lq_hi), s=2, cmap="magma",
+                           vmin=lq_lo, vmax=lq_hi)
         ax.set_xlim(lo0, hi0)
         ax.set_ylim(lo1, hi1)
-        ax.set_title(f"particles (log-density)  t = {times[k]:.2f}", fontsize=8)
+        ax.set_title(f"particles, t = {times[k]:.2f}", fontsize=11)
         for a in axes[:, k]:
             a.set_xlabel(f"z[{dims[0]}]")
             a.set_ylabel(f"z[{dims[1]}]")
-    fig.tight_layout()
+    fig.colorbar(image, ax=axes[0, :].tolist(), label="density on the grid")
+    fig.colorbar(cloud, ax=axes[1, :].tolist(), label="particle log-density log q")
+    if title:
+        fig.suptitle(title, fontsize=13)
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path

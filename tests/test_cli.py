@@ -146,6 +146,7 @@ def test_diverged_training_exits_non_zero_with_one_line(tmp_path, monkeypatch, c
         assert_user_error(subprocess.CompletedProcess([], code, captured.out, captured.err),
                           "--set: ['model'] cannot change when resuming a run")
         assert main(["train", "--out", "run", "--resume", "--set", "lr=0.003", "--quiet"]) == 0
+        assert main(["plot", "again"]) == 0  # loss curves of a run whose metrics hold nulls
     finally:
         torch.set_num_threads(threads)
     _, model, ckpt = load_run("run")
@@ -271,6 +272,60 @@ def test_plot_every_model(overrides, transport, tmp_path, monkeypatch):
     assert {"loss_curves.png", "reconstructions.png"} <= written
     assert ("grid_transport_field0.png" in written) == transport
     assert ("latent_flows.png" in written) == ("static" not in overrides[0])
+
+
+def test_plot_titles_name_the_matched_transformations_and_scale_arrows(tmp_path, monkeypatch):
+    """latent_flows.png titles name the transformation eval.json matched to each field (none when
+    eval.json is stale), its arrows span ~a grid cell, and the grid-transport figure carries a colour
+    bar per row and titles of at least 10 pt. Recorded through spies on matplotlib's Axes / Figure."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import torch
+    from matplotlib.axes import Axes
+    from matplotlib.figure import Figure
+
+    from sta.plots import plot_run
+    from sta.train import apply_overrides, preset, train
+
+    calls = {"title": [], "quiver": [], "colorbar": [], "suptitle": []}
+    for cls, name in [(Axes, "set_title"), (Axes, "quiver"), (Figure, "colorbar"), (Figure, "suptitle")]:
+        real = getattr(cls, name)
+
+        def spy(self, *args, _real=real, _key=name.replace("set_", ""), **kwargs):
+            calls[_key].append((args, kwargs))
+            return _real(self, *args, **kwargs)
+
+        monkeypatch.setattr(cls, name, spy)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        run = str(tmp_path / "run")
+        train(apply_overrides(preset("tiny"), ["steps=2"]), run, progress=False)
+        with open(os.path.join(run, "eval.json"), "w") as f:
+            json.dump({"step": 2, "field_assignment": ["rotation", None, "hue"]}, f)
+        plot_run(run)
+        titles = [args[0] for args, _ in calls["title"]]
+        flows = [t for t in titles if "unit speed, t = 0" in t]
+        assert [t.split("\n")[0] for t in flows] == ["field 0 (matched: rotation)", "field 1 (unmatched)",
+                                                     "field 2 (matched: hue)"], titles
+        (x, y, u, v, _), kwargs = calls["quiver"][0]
+        spacing = min(abs(x[0, 1] - x[0, 0]), abs(y[1, 0] - y[0, 0]))
+        longest = float((u ** 2 + v ** 2).max() ** 0.5) / kwargs["scale"]  # in data units (scale_units="xy")
+        assert kwargs["scale_units"] == "xy" and abs(longest - 0.9 * spacing) < 1e-4 * spacing, (longest, spacing)
+        labels = [kwargs.get("label") for _, kwargs in calls["colorbar"]]
+        assert {"density on the grid", "particle log-density log q"} <= set(labels), labels
+        assert all(kwargs.get("fontsize", 10) >= 10 for _, kwargs in calls["title"]), calls["title"]
+        assert calls["suptitle"][-1][0][0] == "field 0 (matched: rotation), unit speed"
+
+        with open(os.path.join(run, "eval.json"), "w") as f:  # evaluated at another step: not these weights
+            json.dump({"step": 1, "field_assignment": ["rotation", None, "hue"]}, f)
+        calls["title"].clear()
+        plot_run(run)
+        assert [args[0].split("\n")[0] for args, _ in calls["title"] if "unit speed, t = 0" in args[0]] == \
+            [f"field {k} (unmatched)" for k in range(3)]
+    finally:
+        torch.set_num_threads(threads)
 
 
 def test_resume_without_steps_continues_to_the_runs_own_steps(tmp_path, monkeypatch):
