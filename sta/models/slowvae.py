@@ -75,7 +75,7 @@ class SlowVAE(STAModel):
         self.step_count += 1
         self.step_mean.lerp_(delta.mean(0), STEP_MOMENTUM)
         self.step_moment.lerp_(delta.T @ delta / delta.shape[0], STEP_MOMENTUM)
-        debias = 1.0 - (1.0 - STEP_MOMENTUM) ** int(self.step_count)  # the moments start at 0
+        debias = 1.0 - (1.0 - STEP_MOMENTUM) ** self.step_count  # the moments start at 0 (a tensor: no host sync)
         self.directions.copy_(principal_steps(self.step_moment / debias, self.step_mean, self.config.num_fields))
 
     def step(self, z: Tensor, t: int, g: Tensor, outputs=("z",), backend=None):
