@@ -6,10 +6,14 @@
 # 1. checks that a CUDA GPU is present and that the installed torch can use it (a CUDA build of
 #    torch must be preinstalled: `pip install torch==2.13.0` from PyPI is the CPU wheel here);
 # 2. installs sta (editable, with the test and triton extras, against that torch);
-# 3. runs the GPU tests (`pytest -m gpu`) and the triton backend tests on the GPU;
-# 4. runs the flow_step benchmark once per available provider (BENCH_PROVIDERS below).
-# Everything it writes goes under OUT_DIR: install.log, pytest_gpu.log, pytest_triton.log,
-# bench_<provider>.csv and bench_<provider>.log, nvidia-smi.txt, summary.txt.
+# 3. compiles every Triton kernel ahead of time for sm_80 and sm_90 (`python -m sta.kernels.aot`:
+#    registers, spills, shared memory per kernel and config; no GPU needed), so that the GPU run
+#    starts from known figures; its summary line goes into summary.txt, its table to triton_aot.log;
+# 4. runs the GPU tests (`pytest -m gpu`) and the triton backend tests on the GPU;
+# 5. runs the flow_step benchmark once per available provider (BENCH_PROVIDERS below).
+# Everything it writes goes under OUT_DIR: install.log, triton_aot.txt, triton_aot.log,
+# pytest_gpu.log, pytest_triton.log, bench_<provider>.csv and bench_<provider>.log,
+# nvidia-smi.txt, summary.txt.
 #
 # Exit codes:
 #   0  every step ran and passed
@@ -96,13 +100,18 @@ if [ "${STA_GPU_CHECK_SKIP_INSTALL:-0}" != "1" ]; then
 fi
 "$PY" -m sta.info > "$out/sta_info.txt" 2>&1
 
-# -- 3. tests ------------------------------------------------------------------------------
+# -- 3. ahead-of-time compiles of the Triton kernels (sm_80, sm_90) ----------------------------
+step "triton AOT compiles" "$out/triton_aot.txt" \
+  env TRITON_INTERPRET=0 "$PY" -m sta.kernels.aot --jobs 4 --log "$out/triton_aot.log"
+say "$(tail -n 1 "$out/triton_aot.txt")"
+
+# -- 4. tests ------------------------------------------------------------------------------
 # pytest exits 5 when it selects nothing: that counts as a failure here.
 step "pytest -m gpu" "$out/pytest_gpu.log" "$PY" -m pytest tests -m gpu -q -p no:cacheprovider -rs
 step "triton backend tests on the GPU" "$out/pytest_triton.log" \
   "$PY" -m pytest tests/test_backend_triton.py -q -p no:cacheprovider -rs
 
-# -- 4. benchmarks -------------------------------------------------------------------------
+# -- 5. benchmarks -------------------------------------------------------------------------
 if [ ! -f benchmarks/bench_flow_step.py ]; then
   say "benchmarks/bench_flow_step.py not found: no benchmark run"
   status=$EXIT_FAILED

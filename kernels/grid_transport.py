@@ -23,6 +23,15 @@ __all__ = ["grid_transport_fwd"]
 #: Cells per program. 1024 keeps every load of a block in a few contiguous runs; fp32 512^2 on
 #: the interpreter is not timed (too slow), on a GPU any of 256..2048 is bandwidth bound.
 BLOCK = 1024
+#: ... except 3-D or float64 grids: at 1024 cells (8 per thread, 4 warps) ptxas spilled 14 KB per
+#: thread (3-D fp64, van Leer, sm_80), at 512 still 120 B; at 256 it needs 140 registers and no
+#: spill (python -m sta.kernels.aot).
+BLOCK_WIDE = 256
+
+
+def block_for(ndim: int, dtype: torch.dtype) -> int:
+    """Cells per program for a grid of ``ndim`` axes in ``dtype`` (spill-free on sm_80 / sm_90)."""
+    return BLOCK if ndim == 2 and dtype == torch.float32 else BLOCK_WIDE
 
 
 @triton.jit
@@ -147,7 +156,8 @@ def grid_transport_fwd(rho: torch.Tensor, faces: tuple, coef: tuple, periodic: b
     coef_t[:len(coef)] = torch.tensor(coef, dtype=rho.dtype)
     out = torch.empty_like(rho)
     u2 = faces[2] if ndim == 3 else faces[1]  # never read for 2-D
-    grid = (triton.cdiv(rho.numel(), BLOCK),)
+    block = block_for(ndim, rho.dtype)
+    grid = (triton.cdiv(rho.numel(), block),)
     launch(_grid_transport_fwd_kernel, grid, rho, faces[0], faces[1], u2, coef_t, out, n0, n1, n2, n1 * n2,
-           rho.numel(), NDIM=ndim, PERIODIC=bool(periodic), LIMITER=int(limiter), BLOCK=BLOCK)
+           rho.numel(), NDIM=ndim, PERIODIC=bool(periodic), LIMITER=int(limiter), BLOCK=block)
     return out

@@ -66,3 +66,30 @@ def test_gpu_but_cpu_only_torch(tmp_path):
     assert res.returncode == EXIT_NO_CUDA_TORCH, res.stdout + res.stderr
     assert "install a CUDA build of torch" in res.stdout
     assert not (out / "install.log").exists() and not (out / "pytest_gpu.log").exists()
+
+
+def test_aot_summary_runs_before_the_gpu_tests(tmp_path):
+    """With a (fake) GPU and CUDA torch, the AOT compile check runs right after install, before
+    any test or benchmark, and its summary line lands in summary.txt."""
+    bin_dir = tmp_path / "bin"
+    _fake_nvidia_smi(bin_dir, "GPU 0: NVIDIA H200 (UUID: GPU-test)", 0)
+    calls = tmp_path / "calls.txt"
+    fake_python = bin_dir / "fake-python"
+    fake_python.write_text(
+        "#!/bin/sh\n"
+        f"echo \"$*\" >> '{calls}'\n"
+        "case \"$*\" in\n"
+        "  *'import torch'*) echo '2.13.0 12.8 True' ;;\n"
+        "  *sta.kernels.aot*) echo 'triton AOT: 2 compiles (fake)' ;;\n"
+        "esac\n")
+    os.chmod(fake_python, 0o755)
+    env = dict(os.environ, PYTHON=str(fake_python), STA_GPU_CHECK_SKIP_INSTALL="1", BENCH_PROVIDERS="torch",
+               PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    out = tmp_path / "out"
+    res = subprocess.run(["bash", SCRIPT, str(out)], capture_output=True, text=True, env=env, timeout=120)
+    assert res.returncode == 0, res.stdout + res.stderr
+    lines = calls.read_text().splitlines()
+    aot = [i for i, line in enumerate(lines) if "-m sta.kernels.aot" in line]
+    later = [i for i, line in enumerate(lines) if line.startswith(("-m pytest", "benchmarks/"))]
+    assert aot and later and aot[0] < min(later), lines
+    assert "triton AOT: 2 compiles (fake)" in (out / "summary.txt").read_text()
