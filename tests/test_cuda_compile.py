@@ -2,7 +2,8 @@
 
 * every ``csrc/cuda/*.cu`` compiles with plain nvcc (no torch headers) for sm_80 and sm_90, with
   the flags of the real build (:func:`sta._build.nvcc_flags`), without register spills; the
-  registers of every kernel are printed (``-Xptxas -v``);
+  registers of every kernel (``-Xptxas -v``) are in the test's captured output, shown with
+  ``pytest -s`` or ``-rA`` and on a failure, never between the dots of ``pytest -q``;
 * the ``.cu`` files include only CUDA runtime headers, the standard library, ``flow_math.h`` and
   their own headers; the torch binding (``csrc/cuda/*.cpp``) includes no CUDA headers at all and
   compiles against the installed torch (a CPU wheel here) with g++.
@@ -97,7 +98,7 @@ def _demangle(names: list[str]) -> dict[str, str]:
 
 @needs_nvcc
 @pytest.mark.parametrize("path", CU_FILES, ids=lambda p: p.name)
-def test_cu_compiles_for_sm80_sm90_without_spills(path, tmp_path, capsys):
+def test_cu_compiles_for_sm80_sm90_without_spills(path, tmp_path):
     cmd = [NVCC, "-c", str(path), "-o", str(tmp_path / (path.stem + ".o")), "-Xptxas", "-v"]
     cmd += _build.nvcc_flags(CI_ARCHS)
     start = time.perf_counter()
@@ -117,12 +118,40 @@ def test_cu_compiles_for_sm80_sm90_without_spills(path, tmp_path, capsys):
         short = names[r["kernel"]].replace("(anonymous namespace)::", "").split("(")[0]
         table.append(f"  {r['arch']:6s} {r['registers']!s:>4s} {r['stack']:5d} "
                      f"{r['spill_stores']:5d}/{r['spill_loads']:<5d}  {short}")
-    print("\n".join(table))  # shown by `pytest -rA`
-    with capsys.disabled():  # and in the plain test output, as the issue asks
-        sys.stdout.write("\n" + "\n".join(table) + "\n")
+    print("\n".join(table))  # captured: `pytest -s` / `-rA` show it, `pytest -q` does not
     spills = [f"{names[r['kernel']]} ({r['arch']}): {r['spill_stores']} B stores, {r['spill_loads']} B loads"
               for r in rows if r["spill_stores"] or r["spill_loads"]]
     assert not spills, "register spills:\n" + "\n".join(spills)
+
+
+_FAKE_NVCC = """#!/bin/sh
+# Stands in for nvcc: the -Xptxas -v report of one kernel for sm_80 and sm_90, and the object file.
+for arch in sm_80 sm_90; do
+  echo "ptxas info    : Compiling entry function '_Z6kernelv' for '$arch'" >&2
+  echo "ptxas info    : Function properties for _Z6kernelv" >&2
+  echo "    0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads" >&2
+  echo "ptxas info    : Used 32 registers, 352 bytes cmem[0]" >&2
+done
+while [ $# -gt 0 ]; do [ "$1" = "-o" ] && : > "$2"; shift; done
+"""
+
+
+def test_register_tables_stay_out_of_pytest_q(tmp_path):
+    """``pytest -q`` of the compile test prints dots, not register tables (``-rA`` / ``-s`` show them). A fake
+    nvcc (CUDA_HOME) makes this fast and independent of a CUDA toolkit."""
+    fake = tmp_path / "cuda" / "bin" / "nvcc"
+    fake.parent.mkdir(parents=True)
+    fake.write_text(_FAKE_NVCC)
+    fake.chmod(0o755)
+    env = dict(os.environ, CUDA_HOME=str(tmp_path / "cuda"), PYTHONPATH=str(ROOT))
+    # -rA: the captured output of passed tests goes to the summary at the end, after the dots
+    cmd = [sys.executable, "-m", "pytest", str(Path(__file__)), "-q", "-rA", "-p", "no:cacheprovider",
+           "-k", "compiles_for_sm80_sm90 and flow_step.cu"]
+    result = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)
+    assert result.returncode == 0 and "1 passed" in result.stdout, result.stdout[-3000:] + result.stderr[-3000:]
+    progress, _, summary = result.stdout.partition(" PASSES ")
+    assert "regs" not in progress and "kernel" not in progress, result.stdout  # between the dots: nothing
+    assert re.search(r"sm_80\s+32\s", summary), result.stdout  # the table is still there, in the summary
 
 
 def _cxx():
