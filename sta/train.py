@@ -480,7 +480,7 @@ def _train(config: TrainConfig, out, resume, progress, ctx, update) -> STAModel:
         for group in optimizer.param_groups:  # the stored groups carry the old lr; `update` may change it
             group["lr"] = config.lr
         step = ckpt["step"]
-        elapsed = ckpt.get("elapsed", 0.0)  # metrics.jsonl `time` continues (older checkpoints: from 0)
+        elapsed = ckpt.get("elapsed")  # metrics.jsonl `time` continues after a resume
         if len(ckpt["rng"]) != ctx.world:
             raise ConfigError(f"--resume: the checkpoint was written by {len(ckpt['rng'])} processes, "
                               f"this run has {ctx.world}")
@@ -489,9 +489,11 @@ def _train(config: TrainConfig, out, resume, progress, ctx, update) -> STAModel:
         os.makedirs(os.path.join(out, "checkpoints"), exist_ok=True)
         with open(os.path.join(out, "config.json"), "w") as f:
             json.dump(config.to_dict(), f, indent=2)
-        _truncate_metrics(os.path.join(out, "metrics.jsonl"), step)
+        last_time = _truncate_metrics(os.path.join(out, "metrics.jsonl"), step)
+        if elapsed is None:  # a checkpoint written before "elapsed" was stored: the last logged time
+            elapsed = last_time or 0.0
 
-    start = time.perf_counter() - elapsed
+    start = time.perf_counter() - (elapsed or 0.0)
     last_good = step if resume and ckpt_file and os.path.exists(ckpt_file) else None
 
     def where() -> str:
@@ -575,11 +577,11 @@ def _train(config: TrainConfig, out, resume, progress, ctx, update) -> STAModel:
     return model
 
 
-def _truncate_metrics(path: str, step: int) -> None:
+def _truncate_metrics(path: str, step: int) -> Optional[float]:
     """Drop logged lines after ``step`` (a resumed run logs them again), and a line cut short by a
-    kill mid-write (it would not parse)."""
+    kill mid-write (it would not parse). Returns the ``time`` of the last line kept (None if none)."""
     if not os.path.exists(path):
-        return
+        return None
 
     def keep(line: str) -> bool:
         try:
@@ -591,3 +593,4 @@ def _truncate_metrics(path: str, step: int) -> None:
         lines = [line for line in f if keep(line)]
     with open(path, "w") as f:
         f.writelines(lines)
+    return json.loads(lines[-1]).get("time") if lines else None

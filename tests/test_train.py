@@ -404,9 +404,16 @@ def test_a_diverged_run_resumes_with_a_smaller_lr(tmp_path):
         train(tiny(), str(tmp_path / "other"), progress=False, update={"lr": 1e-3})
 
 
-def test_metrics_time_continues_after_resume(tmp_path):
+@pytest.mark.parametrize("stored", ["elapsed", "old checkpoint"])
+def test_metrics_time_continues_after_resume(tmp_path, stored):
+    """``time`` goes on from the checkpoint's elapsed time (a checkpoint without one, written before
+    it was stored: from the last logged time), not from 0."""
     run_dir = str(tmp_path / "run")
     train(tiny(steps=10), run_dir, progress=False)
+    if stored == "old checkpoint":
+        ckpt = torch.load(checkpoint_path(run_dir), weights_only=False)
+        del ckpt["elapsed"]
+        save_atomic(ckpt, checkpoint_path(run_dir))
     train(tiny(steps=20), run_dir, resume=True, progress=False)
     times = [m["time"] for m in read_metrics(run_dir)]
     assert len(times) == 20 and times == sorted(times) and times[10] > times[9] > 0, times
