@@ -319,17 +319,18 @@ def _check_rho(rho) -> Tensor:
         raise TypeError(f"rho: expected float32 or float64, got {_dtype_name(rho.dtype)}")
     if rho.numel() == 0:
         raise ValueError(f"rho: expected at least one cell per axis, got shape {tuple(rho.shape)}")
-    _require_finite("rho", rho, "densities")
     return rho
 
 
-def _require_finite(name: str, values: Tensor, what: str) -> None:
-    """ValueError naming ``name`` if ``values`` holds a NaN or Inf (one host sync)."""
-    bad = ~torch.isfinite(values.detach())
-    if bool(bad.any()):
-        first = tuple(int(i) for i in bad.nonzero()[0])
-        raise ValueError(f"{name}: expected finite {what}, got {int(bad.sum())} NaN/Inf "
-                         f"(first at index {first}: {values[first].item()})")
+def _raise_non_finite(named) -> None:
+    """The error path of :func:`_screen`: ValueError naming the first of ``(label, tensor, what)``
+    that holds a NaN/Inf (none does when only a sum or a rate overflowed: then it returns)."""
+    for label, values, what in named:
+        bad = ~torch.isfinite(values.detach())
+        if bool(bad.any()):
+            first = tuple(int(i) for i in bad.nonzero()[0])
+            raise ValueError(f"{label}: expected finite {what}, got {int(bad.sum())} NaN/Inf "
+                             f"(first at index {first}: {values[first].item()})")
 
 
 def _check_dx(dx, ndim: int) -> tuple:
@@ -372,23 +373,19 @@ def _face_tuple(velocity_faces, name: str, d: Optional[int] = None) -> tuple:
 
 
 def _cells_of_faces(faces: tuple, name: str) -> tuple:
-    """The cell shape ``(N1, ..., Nd)`` that faces ``(u1, ..., ud)`` belong to (N_a + 1 = u_a.shape[a])."""
-    shape = tuple(u.shape[a] - 1 for a, u in enumerate(faces))
-    for a, n in enumerate(shape):
-        if n < 1:
-            raise ValueError(f"{name}[{a}]: expected at least 2 faces (1 cell) along axis {a}, got shape "
-                             f"{tuple(faces[a].shape)}")
-    return shape
+    """The cell shape ``(N1, ..., Nd)`` read from ``u1: (N1 + 1, N2, ...)``; the other faces are
+    then checked against it (so a mismatch is blamed on them, not on u1)."""
+    u1 = faces[0]
+    if u1.shape[0] < 2 or 0 in u1.shape:
+        raise ValueError(f"{name}[0]: expected shape (N1 + 1, N2[, N3]) with at least one cell per axis, "
+                         f"got {tuple(u1.shape)}")
+    return (u1.shape[0] - 1,) + tuple(u1.shape[1:])
 
 
-def _check_faces(velocity_faces, rho: Tensor, boundary: Optional[str], name: str = "velocity_faces") -> tuple:
-    """Validate face velocities against ``rho`` (shape, dtype, device).
-
-    With a ``boundary`` (the transport ops), the faces that carry flux -- every face when
-    periodic, the interior ones with zero flux -- must be finite (ValueError naming the face
-    tensor), and with "zero_flux" the boundary faces, which the step ignores, are returned as
-    zeros so that no backend sees what they held. ``boundary=None``: shapes only (grid_divergence).
-    """
+def _check_faces(velocity_faces, rho: Tensor, name: str = "velocity_faces") -> tuple:
+    """Face velocities checked against the cells ``rho`` (shape, dtype, device): a tuple of
+    contiguous tensors. ``rho`` may be a placeholder of the cells' shape (cfl_number, grid_divergence).
+    Their values are screened by :func:`_screen`."""
     d = rho.dim()
     shape = tuple(rho.shape)
     expected = [_face_shape(shape, a) for a in range(d)]
@@ -402,20 +399,57 @@ def _check_faces(velocity_faces, rho: Tensor, boundary: Optional[str], name: str
             raise TypeError(f"{face}: expected dtype {_dtype_name(rho.dtype)} (that of rho), got {_dtype_name(u.dtype)}")
         if u.device != rho.device:
             raise ValueError(f"{face}: expected device {rho.device} (that of rho), got {u.device}")
-        if boundary == "periodic":
-            _require_finite(face, u, "face velocities")
-            first, last = u.narrow(a, 0, 1), u.narrow(a, shape[a], 1)
-            scale = u.abs().max() if u.numel() else 0.0
-            if not bool(((first - last).abs() <= 1e-6 * scale + torch.finfo(u.dtype).tiny).all()):
-                raise ValueError(f"{face}: with boundary='periodic' faces 0 and {shape[a]} along axis {a} are the "
-                                 f"same face and must carry the same velocity")
-        elif boundary == "zero_flux":
-            u = u.clone()  # the boundary faces are documented as ignored: zero them for every backend
-            u.narrow(a, 0, 1).zero_()
-            u.narrow(a, shape[a], 1).zero_()
-            _require_finite(face, u, "velocities on the interior faces")
         faces.append(u.contiguous())
     return tuple(faces)
+
+
+def _screen(rho: Optional[Tensor], faces: tuple, dx: tuple, boundary: str) -> tuple:
+    """The non-finite policy of the transport ops and the CFL rate, in one host sync.
+
+    rho (or None) and the faces that carry flux -- every face when periodic, the interior ones
+    with zero flux -- must be finite (ValueError naming ``rho`` or ``velocity_faces[a]``). The
+    zero-flux boundary faces are ignored whatever they hold: a face whose boundary values are not
+    finite is replaced by a copy with zeros there, so that no backend sees them (finite ones are
+    already ignored by every backend). A NaN/Inf anywhere in a flux-carrying face makes the
+    largest outgoing rate NaN/Inf, and one in rho makes its sum NaN/Inf, so the finite case costs
+    one reduction on top of the CFL rate.
+
+    Returns ``(faces, max outgoing rate)`` (the rate as in :func:`_outgoing_rate`; it may be Inf
+    or NaN only if it overflowed, which the CFL checks then reject).
+    """
+    rate = _outgoing_rate(faces, dx, boundary)
+    with torch.no_grad():
+        probes = [rate.max() if rate.numel() else rate.new_zeros(())]
+        probes += [rho.sum()] if rho is not None else []
+        ends = []
+        if boundary == "zero_flux":
+            ends = [u.narrow(a, 0, 1).sum() + u.narrow(a, u.shape[a] - 1, 1).sum() for a, u in enumerate(faces)]
+        values = torch.stack(probes + ends).tolist()  # rho and the faces share one dtype
+    if not all(math.isfinite(v) for v in values[:len(probes)]):
+        _raise_non_finite(([("rho", rho, "densities")] if rho is not None else [])
+                          + [(f"velocity_faces[{a}]", u if boundary == "periodic" else _zero_ends(u, a),
+                              "velocities on the faces that carry flux") for a, u in enumerate(faces)])
+    faces = list(faces)
+    for a, end in enumerate(values[len(probes):]):
+        if not math.isfinite(end):
+            faces[a] = _zero_ends(faces[a], a)
+    if boundary == "periodic":
+        for a, u in enumerate(faces):
+            n = u.shape[a] - 1
+            first, last = u.narrow(a, 0, 1), u.narrow(a, n, 1)
+            scale = u.abs().max() if u.numel() else 0.0
+            if not bool(((first - last).abs() <= 1e-6 * scale + torch.finfo(u.dtype).tiny).all()):
+                raise ValueError(f"velocity_faces[{a}]: with boundary='periodic' faces 0 and {n} along axis {a} "
+                                 f"are the same face and must carry the same velocity")
+    return tuple(faces), values[0]
+
+
+def _zero_ends(u: Tensor, axis: int) -> Tensor:
+    """A copy of face velocities ``u`` with its two boundary faces along ``axis`` set to 0."""
+    u = u.clone()
+    u.narrow(axis, 0, 1).zero_()
+    u.narrow(axis, u.shape[axis] - 1, 1).zero_()
+    return u
 
 
 def _check_options(boundary: str, limiter: str) -> None:
@@ -427,14 +461,11 @@ def _check_options(boundary: str, limiter: str) -> None:
 
 
 def _outgoing_rate(faces: tuple, dx: tuple, boundary: str) -> Tensor:
-    """Per cell, sum over its faces of outgoing normal speed / dx: shape of rho (no autograd).
-
-    In float64: u / dx of a float32 velocity can overflow float32 and make the CFL number Inf."""
+    """Per cell, sum over its faces of outgoing normal speed / dx: shape of rho (no autograd)."""
     shape = (faces[1].shape[0],) + tuple(faces[0].shape[1:])
-    total = faces[0].new_zeros(shape, dtype=torch.float64)
+    total = faces[0].new_zeros(shape)
     with torch.no_grad():
         for a, (u, h) in enumerate(zip(faces, dx)):
-            u = u.double()
             n = u.shape[a] - 1
             if boundary == "periodic":  # face n is face 0
                 total.add_(u.narrow(a, 1, n).clamp(min=0), alpha=1.0 / h)    # out of cell i through face i + 1
@@ -455,15 +486,15 @@ def cfl_number(velocity_faces, dx, dt: float, *, boundary: str = "zero_flux", li
     _check_options(boundary, limiter)
     faces = _face_tuple(velocity_faces, "velocity_faces")
     cells = faces[0].new_empty(_cells_of_faces(faces, "velocity_faces"))  # shape, dtype, device only
-    faces = _check_faces(faces, cells, boundary)
-    return _cfl(faces, _check_dx(dx, len(faces)), _check_dt(dt), boundary, limiter)
+    faces = _check_faces(faces, cells)
+    dx, dt = _check_dx(dx, len(faces)), _check_dt(dt)
+    _, rate = _screen(None, faces, dx, boundary)
+    return _cfl(rate, dt, limiter)
 
 
-def _cfl(faces, dx, dt, boundary, limiter) -> float:
-    if dt == 0:  # nothing moves; and 0 * Inf (an overflowing rate) would be NaN
-        return 0.0
-    rate = _outgoing_rate(faces, dx, boundary)
-    return FACE_BOUND[limiter] * dt * float(rate.max()) if rate.numel() else 0.0
+def _cfl(rate: float, dt: float, limiter: str) -> float:
+    """``kappa * dt * rate``; dt = 0 moves nothing (and 0 * Inf would be NaN)."""
+    return 0.0 if dt == 0 and math.isfinite(rate) else FACE_BOUND[limiter] * dt * rate
 
 
 # ----------------------------------------------------------------------------------------------
@@ -703,9 +734,9 @@ def grid_transport(rho: Tensor, velocity_faces, dx, dt: float, *, boundary: str 
     dx = _check_dx(dx, rho.dim())
     dt = _check_dt(dt)
     _check_courant(dt, dx, rho.dtype, "dt")
-    faces = _check_faces(velocity_faces, rho, boundary)
-    cfl = _cfl(faces, dx, dt, boundary, limiter)
-    if cfl > 1:
+    faces, rate = _screen(rho, _check_faces(velocity_faces, rho), dx, boundary)
+    cfl = _cfl(rate, dt, limiter)
+    if not cfl <= 1:  # also NaN: a rate that overflowed
         raise ValueError(f"dt: the CFL number is {cfl:.4g} > 1 (limiter {limiter!r} needs "
                          f"{FACE_BOUND[limiter]:g} * dt * max outgoing |u|/dx per cell <= 1 for positivity); "
                          f"the largest stable dt is {dt / cfl:.6g}, or use sta.transport_for to sub-step")
@@ -745,8 +776,8 @@ def transport_for(rho: Tensor, velocity_faces, dx, time: float = 1.0, *, boundar
         raise ValueError(f"cfl: expected a target CFL number in (0, 1], got {cfl!r:.60}")
     if time_order not in (1, 2) or isinstance(time_order, bool):
         raise ValueError(f"time_order: expected 1 (forward Euler) or 2 (SSP Heun), got {time_order!r:.60}")
-    faces = _check_faces(velocity_faces, rho, boundary)
-    total = _cfl(faces, dx, time, boundary, limiter) / cfl
+    faces, rate = _screen(rho, _check_faces(velocity_faces, rho), dx, boundary)
+    total = _cfl(rate, time, limiter) / cfl
     if not total <= MAX_SUBSTEPS:
         raise ValueError(f"time: transporting for {time:g} at CFL {cfl:g} needs {total:.4g} sub-steps "
                          f"(more than {MAX_SUBSTEPS}); shorten time or check velocity_faces (largest |u| "
@@ -783,7 +814,7 @@ def grid_divergence(velocity, dx) -> Tensor:
     if isinstance(velocity, (tuple, list)):
         faces = _face_tuple(velocity, "velocity")
         cells = faces[0].new_empty(_cells_of_faces(faces, "velocity"))  # shape, dtype, device only
-        faces = _check_faces(faces, cells, None, name="velocity")
+        faces = _check_faces(faces, cells, name="velocity")
         h = _check_dx(dx, len(faces))
         return sum(torch.diff(u, dim=a) / h[a] for a, u in enumerate(faces))
     v = _check_centre_velocity(velocity)

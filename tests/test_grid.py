@@ -199,6 +199,12 @@ def _good():
     (lambda r, f: dict(dt=float("inf")), ValueError, "dt"),
     (lambda r, f: dict(boundary="reflect"), ValueError, "boundary"),
     (lambda r, f: dict(limiter="superbee"), ValueError, "limiter"),
+    (lambda r, f: dict(limiter=["minmod"]), ValueError, "limiter"),  # issue 15: was "unhashable type"
+    (lambda r, f: dict(boundary=["periodic"]), ValueError, "boundary"),
+    (lambda r, f: dict(dt=10**400), ValueError, "dt"),
+    (lambda r, f: dict(dt="0.1"), TypeError, "dt"),
+    (lambda r, f: dict(dx=10**400), ValueError, "dx"),
+    (lambda r, f: dict(velocity_faces=(f[0].to(torch.complex128), f[1])), TypeError, "velocity_faces[0]"),
     (lambda r, f: dict(boundary="periodic"), ValueError, "velocity_faces[0]"),  # faces 0 and N differ
     (lambda r, f: dict(backend="fortran"), ValueError, "backend"),
 ])
@@ -208,7 +214,40 @@ def test_bad_input_raises_naming_the_argument(mutate, exc, needle):
     kwargs.update(mutate(rho, faces))
     with pytest.raises(exc, match=None) as info:
         sta.grid_transport(kwargs.pop("rho"), kwargs.pop("velocity_faces"), kwargs.pop("dx"), kwargs.pop("dt"), **kwargs)
-    assert needle in str(info.value), str(info.value)
+    assert type(info.value) is exc and str(info.value).startswith(f"{needle}:"), str(info.value)
+
+
+@pytest.mark.parametrize("time, exc", [(-1, ValueError), (float("nan"), ValueError), ("1.0", TypeError),
+                                       (10**400, ValueError)])
+def test_transport_for_blames_time(time, exc):
+    """Issue 15: a bad time was reported as a bad dt."""
+    rho, faces = _good()
+    with pytest.raises(exc, match="^time:") as info:
+        sta.transport_for(rho, faces, 1.0, time=time)
+    assert type(info.value) is exc
+
+
+def test_transport_for_refuses_an_endless_run_naming_time():
+    rho, faces = _good()
+    with pytest.raises(ValueError, match=r"^time:.*sub-steps"):
+        sta.transport_for(rho, (faces[0] * 1e30, faces[1]), 1.0, time=1.0)
+
+
+@pytest.mark.parametrize("velocity, exc, needle", [
+    ((torch.zeros(0, 3), torch.zeros(0, 4)), ValueError, "velocity[0]"),  # issue 15: "negative dimension -1"
+    ((torch.zeros(4, 3, dtype=torch.complex64), torch.zeros(3, 4, dtype=torch.complex64)), TypeError, "velocity[0]"),
+    ((torch.zeros(4, 3, dtype=torch.bool), torch.zeros(3, 4, dtype=torch.bool)), TypeError, "velocity[0]"),
+    ((torch.zeros(4, 3), torch.zeros(3, 4, dtype=torch.int64)), TypeError, "velocity[1]"),
+    ((torch.zeros(4, 3), torch.zeros(3, 5)), ValueError, "velocity[1]"),
+    ((torch.zeros(4, 3),), ValueError, "velocity"),
+    ((torch.zeros(4, 3), None), TypeError, "velocity[1]"),
+    (torch.zeros(4, 4, 2, dtype=torch.complex64), TypeError, "velocity"),  # the centre form, for comparison
+    (torch.zeros(4, 4, 2, dtype=torch.bool), TypeError, "velocity"),
+])
+def test_grid_divergence_rejects_bad_velocities_in_both_forms(velocity, exc, needle):
+    with pytest.raises(exc) as info:
+        sta.grid_divergence(velocity, 0.5)
+    assert type(info.value) is exc and str(info.value).startswith(f"{needle}:"), str(info.value)
 
 
 def test_cfl_above_one_raises_with_the_largest_stable_dt():
@@ -270,6 +309,42 @@ def test_latent_grid_3d_and_bad_arguments():
         latent_grid(bank, [0.0] * 3, dims=(0, 1), extent=-1.0, shape=(4, 4))
     with pytest.raises(ValueError, match="g_pot"):
         latent_grid(bank, [0.0] * 3, dims=(0, 1), shape=(4, 4), g_pot=torch.ones(3))
+
+
+@pytest.mark.parametrize("kwargs, exc, argument", [
+    (dict(center=None), TypeError, "center"),  # issue 15: "must be real number, not NoneType"
+    (dict(center="origin"), TypeError, "center"),  # issue 15: "new(): invalid data type 'str'"
+    (dict(center=[0.0, float("nan"), 0.0]), ValueError, "center"),
+    (dict(center=torch.zeros(3, dtype=torch.complex64)), TypeError, "center"),
+    (dict(dims=None), TypeError, "dims"),
+    (dict(shape=None), TypeError, "shape"),
+    (dict(shape=(4, 4.5)), ValueError, "shape"),
+    (dict(extent=10**400), ValueError, "extent"),
+    (dict(extent=1e300), ValueError, "extent"),  # grid coordinates beyond float32
+    (dict(g_pot=[1, 0, 0]), ValueError, "g_pot"),  # the bank has 2 potential fields
+    (dict(g_pot="1"), TypeError, "g_pot"),
+    (dict(g_rot=[None]), TypeError, "g_rot"),
+    (dict(t=None), TypeError, "t"),
+    (dict(fields=None), TypeError, "fields"),
+])
+def test_latent_grid_bad_arguments_name_the_argument(kwargs, exc, argument):
+    args = dict(fields=sta.FieldBank(dim=3, num_potential=2, num_rotational=1, hidden=4), center=[0.0] * 3,
+                shape=(4, 4))
+    args.update(kwargs)
+    with pytest.raises(exc) as info:
+        latent_grid(args.pop("fields"), args.pop("center"), **args)
+    assert type(info.value) is exc and str(info.value).startswith(f"{argument}:"), str(info.value)
+
+
+def test_latent_grid_takes_python_sequences():
+    """Issue 15: the README passed g_pot=[1, 0, 0] and it was rejected; a sequence (or numpy array)
+    is the same as the tensor."""
+    bank = frozen(sta.FieldBank(dim=3, num_potential=3, num_rotational=1, hidden=4))
+    as_list = latent_grid(bank, [0, 0, 0], shape=(4, 4), g_pot=[1, 0, 0], g_rot=(0.5,))
+    as_tensor = latent_grid(bank, torch.zeros(3), shape=(4, 4), g_pot=torch.tensor([1.0, 0, 0]),
+                            g_rot=torch.tensor([0.5]))
+    for a, b in zip(as_list.faces + (as_list.div,), as_tensor.faces + (as_tensor.div,)):
+        assert torch.equal(a, b)
 
 
 # ----------------------------------------------------------------------------------------------

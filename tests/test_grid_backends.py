@@ -156,3 +156,75 @@ def test_latent_grid_is_detached_unless_asked():
     out = sta.grid_transport(rho, g.faces, g.dx, 0.01)
     grads = torch.autograd.grad(out.square().sum() + g.div.sum(), [bank.potential.a, bank.rotational.a])
     assert all(gr.abs().sum() > 0 for gr in grads)
+
+
+# ----------------------------------------------------------------------------------------------
+# Non-finite policy (grid_transport docstring): the same on every backend, checked before dispatch.
+# Issue 15: a NaN face velocity gave NaN cells on torch and zero flux on cpu/triton; the CFL check
+# let it through; an Inf in transport_for raised OverflowError; torch turned a NaN on an ignored
+# zero-flux boundary face into a NaN cell.
+# ----------------------------------------------------------------------------------------------
+
+EVERY = [_params(b) for b in ("torch",) + FAST]
+NONFINITE = pytest.mark.parametrize("value", [float("nan"), float("inf"), -float("inf")], ids=["nan", "inf", "-inf"])
+
+
+@pytest.mark.parametrize("backend", EVERY)
+@NONFINITE
+@pytest.mark.parametrize("boundary", ["zero_flux", "periodic"])
+def test_nonfinite_face_velocity_that_carries_flux_is_refused(backend, value, boundary):
+    device = _device_for(backend)
+    _require(backend, device)
+    rho, faces = _case((6, 5), boundary == "periodic", torch.float32, device, scale=0.1)
+    bad = faces[1].clone()
+    bad[2, 3] = value  # an interior face
+    calls = [lambda: sta.grid_transport(rho, (faces[0], bad), 1.0, 0.1, boundary=boundary, backend=backend),
+             lambda: sta.transport_for(rho, (faces[0], bad), 1.0, time=1.0, boundary=boundary, backend=backend),
+             lambda: cfl_number((faces[0], bad), 1.0, 0.1, boundary=boundary)]
+    for call in calls:
+        with pytest.raises(ValueError, match=r"^velocity_faces\[1\]: expected finite .*first at index \(2, 3\)"):
+            call()
+
+
+@pytest.mark.parametrize("backend", EVERY)
+@NONFINITE
+def test_nonfinite_density_is_refused(backend, value):
+    device = _device_for(backend)
+    _require(backend, device)
+    rho, faces = _case((6, 5), False, torch.float32, device, scale=0.1)
+    rho[4, 0] = value
+    for call in (sta.grid_transport, sta.transport_for):
+        with pytest.raises(ValueError, match=r"^rho: expected finite densities"):
+            call(rho, faces, 1.0, 0.1, backend=backend)
+
+
+@pytest.mark.parametrize("backend", EVERY)
+@NONFINITE
+def test_zero_flux_boundary_faces_are_ignored_whatever_they_hold(backend, value):
+    device = _device_for(backend)
+    _require(backend, device)
+    rho, faces = _case((6, 5), False, torch.float32, device, scale=0.1)
+    dirty = [u.clone() for u in faces]
+    dirty[0][0, 1] = value
+    dirty[0][6, 4] = value
+    dirty[1][3, 5] = value
+    clean = [u.clone() for u in faces]
+    for a, u in enumerate(clean):
+        u.narrow(a, 0, 1).zero_()
+        u.narrow(a, u.shape[a] - 1, 1).zero_()
+    want = sta.grid_transport(rho, tuple(clean), 1.0, 0.1, backend="torch")
+    assert_close(sta.grid_transport(rho, tuple(dirty), 1.0, 0.1, backend=backend), want, torch.float32)
+    assert_close(sta.grid_transport(rho, faces, 1.0, 0.1, backend=backend), want, torch.float32)
+    want = sta.transport_for(rho, tuple(clean), 1.0, time=2.0, backend="torch")
+    assert_close(sta.transport_for(rho, tuple(dirty), 1.0, time=2.0, backend=backend), want, torch.float32)
+    assert cfl_number(tuple(dirty), 1.0, 0.1) == cfl_number(tuple(clean), 1.0, 0.1)
+
+
+def test_cfl_overflow_is_a_clean_error():
+    """u / dx beyond float32 gives an Inf CFL number: grid_transport and transport_for refuse it."""
+    rho, faces = _case((6, 5), False, torch.float32, torch.device("cpu"))
+    huge = (faces[0] * 1e38, faces[1])
+    with pytest.raises(ValueError, match="^dt: the CFL number is"):
+        sta.grid_transport(rho, huge, 1e-3, 1e-3)
+    with pytest.raises(ValueError, match="^time:.*sub-steps"):
+        sta.transport_for(rho, huge, 1e-3, time=1.0)
