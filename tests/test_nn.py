@@ -43,3 +43,31 @@ def test_layer_trains_in_a_loop():
     assert losses[-1] < 0.5 * losses[0]
     for name, p in layer.named_parameters():
         assert p.grad is not None, name
+
+
+@pytest.mark.parametrize("logq, exc", [
+    ([0.0] * 4, TypeError),  # issue 15: "'list' object has no attribute 'shape'"
+    (torch.zeros(4, dtype=torch.int64), TypeError),
+    (torch.zeros(4, 1), ValueError),
+])
+def test_bad_logq_names_the_argument(logq, exc):
+    layer = SparseFlowLayer(3, 1, 1, 4)
+    z, g = torch.randn(4, 3), torch.ones(4, 1)
+    with pytest.raises(exc, match="^logq:") as info:
+        layer(z, 0.0, g, g, logq=logq)
+    assert type(info.value) is exc
+
+
+@pytest.mark.parametrize("kwargs, exc, argument", [
+    (dict(dt="0.5"), TypeError, "dt"),
+    (dict(dt=float("nan")), ValueError, "dt"),
+    (dict(dt=10**400), ValueError, "dt"),
+    (dict(backend="fortran"), ValueError, "backend"),
+    (dict(num_rotational=-1), ValueError, "num_rotational"),
+])
+def test_bad_construction_names_the_argument(kwargs, exc, argument):
+    args = dict(dim=3, num_potential=1, num_rotational=1, hidden=4)
+    args.update(kwargs)
+    with pytest.raises(exc, match=f"^{argument}:") as info:
+        SparseFlowLayer(**args)
+    assert type(info.value) is exc
