@@ -77,6 +77,20 @@ def _steps_for(backend: str) -> int:
 _REFERENCE = {}
 
 
+def spy_on_dispatch(monkeypatch, record):
+    """Call ``record(name, impl)`` for every backend dispatch: flow_step (sta.ops) and flow_path
+    (sta.path, the sta model's posterior path) each call ``select(request, name)``."""
+    import sta.path
+
+    for module in (sta.ops, sta.path):
+        def spy(request, name, _original=module.select):
+            impl = _original(request, name)
+            record(name, impl.name)
+            return impl
+
+        monkeypatch.setattr(module, "select", spy)
+
+
 def _device_for(backend: str) -> str:
     """GPU backends train on the GPU when there is one (the Triton interpreter runs on the CPU)."""
     return "cuda" if backend in ("cuda", "triton") and torch.cuda.is_available() else "cpu"
@@ -93,22 +107,15 @@ def reference_run(steps, device, tmp_dir):
 
 @pytest.mark.parametrize("backend", [b for b in _available_backends() if b != "torch"])
 def test_same_loss_curve_on_every_backend(backend, tmp_path_factory, tmp_path, monkeypatch):
-    """The model asks for backend "auto"; STA_BACKEND forces one. A spy on sta.ops.select records
-    which backend really ran every flow_step. Curves and final parameters match the reference."""
+    """The model asks for backend "auto"; STA_BACKEND forces one. A spy on the dispatch records
+    which backend really ran every flow step. Curves and final parameters match the reference."""
     steps, device = _steps_for(backend), _device_for(backend)
     if device == "cuda":  # cuDNN's fastest conv backward kernels are not run-to-run deterministic
         monkeypatch.setattr(torch.backends.cudnn, "deterministic", True)
         monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)
     ref_metrics, ref_state = reference_run(steps, device, str(tmp_path_factory.getbasetemp()))
     chosen = []
-    original = sta.ops.select
-
-    def spy(request, name):
-        impl = original(request, name)
-        chosen.append((name, impl.name))
-        return impl
-
-    monkeypatch.setattr(sta.ops, "select", spy)
+    spy_on_dispatch(monkeypatch, lambda name, impl: chosen.append((name, impl)))
     monkeypatch.setenv("STA_BACKEND", backend)
     config = tiny(steps=steps, device=device)
     assert config.model.backend == "auto"
@@ -133,8 +140,7 @@ def test_backend_choice_is_in_the_config(monkeypatch):
     from sta.model import ModelConfig, STAModel
 
     chosen = []
-    original = sta.ops.select
-    monkeypatch.setattr(sta.ops, "select", lambda request, name: chosen.append(name) or original(request, name))
+    spy_on_dispatch(monkeypatch, lambda name, impl: chosen.append(name))
     config = ModelConfig(channels=1, image_size=8, transitions=2, latent=4, num_fields=2, hidden=4, conv=4,
                          backend="cpu" if "cpu" in _available_backends() else "torch")
     STAModel(config).elbo(torch.rand(2, 3, 1, 8, 8))
