@@ -136,6 +136,7 @@ while [ $# -gt 0 ]; do [ "$1" = "-o" ] && : > "$2"; shift; done
 """
 
 
+@pytest.mark.slow
 def test_register_tables_stay_out_of_pytest_q(tmp_path):
     """``pytest -q`` of the compile test prints dots, not register tables (``-rA`` / ``-s`` show them). A fake
     nvcc (CUDA_HOME) makes this fast and independent of a CUDA toolkit."""
