@@ -249,6 +249,22 @@ def _op_samples(dtype=F64):
     }
 
 
+@pytest.mark.parametrize("op", ["potential_bwd", "hamiltonian_bwd", "mlp_bwd"])
+def test_unused_field_gets_exact_zero_gradients_whatever_its_parameters(cpu, op):
+    """Field 1 is used by no sample and its parameters are NaN: its gradients are exactly 0 (no 0 * NaN)."""
+    n_grad_outputs = {"potential_bwd": 4, "hamiltonian_bwd": 2, "mlp_bwd": 3}[op]
+    for args in _op_samples()[op]:
+        args = [None if a is None else a.detach().clone() for a in args]
+        args[n_grad_outputs + 1][:, 1] = 0  # g
+        for param in args[n_grad_outputs + 2:]:
+            if param is not None:
+                param[1] = float("nan")
+        grads = getattr(torch.ops.sta, op)(*args)
+        assert all(bool(torch.isfinite(t).all()) for t in grads), op
+        for t in grads[2:]:  # per-field gradients: (K, ...), or (0,) for a matrix that was None
+            assert t.numel() == 0 or bool((t[1] == 0).all()), op
+
+
 @pytest.mark.parametrize("op", ["potential_fwd", "potential_bwd", "hamiltonian_fwd", "hamiltonian_bwd",
                                 "mlp_fwd", "mlp_bwd"])
 def test_opcheck(cpu, op):

@@ -121,6 +121,33 @@ __global__ void gather_rows_kernel(const T* __restrict__ src,              // (B
 constexpr int BM = 32, BN = 64, BD = 16, TM = 2, TN = 4, kMmThreads = 256;
 static_assert(BM == 16 * TM && BN == 16 * TN && kMmThreads == 256, "thread layout is 16 x 16");
 
+// The register tile of one thread, c[i][j] for rows ty + 16 i and columns tx + 16 j of the block.
+template <typename acc>
+__device__ __forceinline__ void zero_tile(acc (&c)[TM][TN]) {
+#pragma unroll
+  for (int i = 0; i < TM; ++i)
+#pragma unroll
+    for (int j = 0; j < TN; ++j) c[i][j] = acc(0);
+}
+
+// c += L^T R over one BD-deep slice staged in shared memory (L: BD x BM, R: BD x BN).
+template <typename T, typename acc>
+__device__ __forceinline__ void tile_fma(const T (&L)[BD][BM + 1], const T (&R)[BD][BN + 1], int ty, int tx,
+                                         acc (&c)[TM][TN]) {
+#pragma unroll
+  for (int kk = 0; kk < BD; ++kk) {
+    acc a[TM], b[TN];
+#pragma unroll
+    for (int i = 0; i < TM; ++i) a[i] = L[kk][ty + 16 * i];
+#pragma unroll
+    for (int j = 0; j < TN; ++j) b[j] = R[kk][tx + 16 * j];
+#pragma unroll
+    for (int i = 0; i < TM; ++i)
+#pragma unroll
+      for (int j = 0; j < TN; ++j) c[i][j] += a[i] * b[j];
+  }
+}
+
 template <typename T, bool TRANS>
 __global__ void __launch_bounds__(kMmThreads)
     segment_mm_kernel(const T* __restrict__ A,              // (*, depth) rows
@@ -151,10 +178,7 @@ __global__ void __launch_bounds__(kMmThreads)
     if (p1 < seg_end) a_ptr1 = A + (a_index ? a_index[p1] : p1) * depth;
   }
   acc c[TM][TN];
-#pragma unroll
-  for (int i = 0; i < TM; ++i)
-#pragma unroll
-    for (int j = 0; j < TN; ++j) c[i][j] = acc(0);
+  zero_tile(c);
 
   for (int64_t d0 = 0; d0 < depth; d0 += BD) {
     {
@@ -177,18 +201,7 @@ __global__ void __launch_bounds__(kMmThreads)
       }
     }
     __syncthreads();
-#pragma unroll
-    for (int kk = 0; kk < BD; ++kk) {
-      acc a[TM], b[TN];
-#pragma unroll
-      for (int i = 0; i < TM; ++i) a[i] = As[kk][ty + 16 * i];
-#pragma unroll
-      for (int j = 0; j < TN; ++j) b[j] = Bs[kk][tx + 16 * j];
-#pragma unroll
-      for (int i = 0; i < TM; ++i)
-#pragma unroll
-        for (int j = 0; j < TN; ++j) c[i][j] += a[i] * b[j];
-    }
+    tile_fma(As, Bs, ty, tx, c);
     __syncthreads();
   }
 #pragma unroll
@@ -227,10 +240,7 @@ __global__ void __launch_bounds__(kMmThreads)
   __shared__ T Ys[BD][BN + 1];
   const int tid = threadIdx.x, tx = tid % 16, ty = tid / 16;
   acc c[TM][TN];
-#pragma unroll
-  for (int i = 0; i < TM; ++i)
-#pragma unroll
-    for (int j = 0; j < TN; ++j) c[i][j] = acc(0);
+  zero_tile(c);
   for (int64_t p0 = seg_begin; p0 < seg_end; p0 += BD) {
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
@@ -245,18 +255,7 @@ __global__ void __launch_bounds__(kMmThreads)
       Ys[kk][j] = (p < seg_end && j0 + j < n) ? Y[p * n + j0 + j] : T(0);
     }
     __syncthreads();
-#pragma unroll
-    for (int kk = 0; kk < BD; ++kk) {
-      acc a[TM], b[TN];
-#pragma unroll
-      for (int i = 0; i < TM; ++i) a[i] = Xs[kk][ty + 16 * i];
-#pragma unroll
-      for (int j = 0; j < TN; ++j) b[j] = Ys[kk][tx + 16 * j];
-#pragma unroll
-      for (int i = 0; i < TM; ++i)
-#pragma unroll
-        for (int j = 0; j < TN; ++j) c[i][j] += a[i] * b[j];
-    }
+    tile_fma(Xs, Ys, ty, tx, c);
     __syncthreads();
   }
   T* g = grad + k * m * n;
