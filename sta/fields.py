@@ -63,7 +63,10 @@ def as_time_tensor(t: Union[float, int, Tensor], like: Tensor) -> Tensor:
     """The step time as a 0-dim tensor of ``like``'s dtype and device (keeps autograd history)."""
     if isinstance(t, Tensor):
         return t.to(dtype=like.dtype, device=like.device)
-    return torch.tensor(float(t), dtype=like.dtype, device=like.device)
+    # zeros + t, not torch.tensor(float(t)) or torch.full: under torch.compile a float t is symbolic,
+    # and only arithmetic with a tensor keeps it symbolic through inductor (the others specialise
+    # the graph on t's value: one recompilation per step time).
+    return like.new_zeros(()) + t
 
 
 class TimeEmbedding(nn.Module):

@@ -6,8 +6,10 @@ backends only ever see plain tensors (:mod:`sta.reference` documents the contrac
 """
 from __future__ import annotations
 
+import functools
 import math
 import numbers
+import sys
 from collections import abc
 from typing import Iterable, NamedTuple, Optional, Union
 
@@ -63,7 +65,9 @@ def real_number(name: str, value, dtype: Optional[torch.dtype] = None) -> float:
     except OverflowError:  # an int beyond the float range, e.g. 10**400
         raise ValueError(f"{name}: expected a finite float, got an int of {value.bit_length()} bits, "
                          f"beyond the float range") from None
-    if not math.isfinite(number):
+    # A comparison, not math.isfinite: under torch.compile a float argument is traced as a symbolic
+    # float, which math.isfinite cannot take; the comparison is False for NaN and +-Inf alike.
+    if not abs(number) <= sys.float_info.max:
         raise ValueError(f"{name}: expected a finite float, got {number!r}")
     if dtype is not None and abs(number) > torch.finfo(dtype).max:
         raise ValueError(f"{name}: {number!r} is not finite in {_dtype_name(dtype)} (largest "
@@ -150,6 +154,33 @@ def prepare_step(fields: FieldBank, t: Union[float, Tensor], g_pot: Optional[Ten
     return pot, rot
 
 
+_LOW_PRECISION = (torch.bfloat16, torch.float16)
+
+
+def float32_under_autocast(op):
+    """Run a flow op in float32 when the caller is inside ``torch.autocast`` for z's device.
+
+    Autocast would otherwise hand the op a mix of dtypes (bf16 activations from an autocast
+    encoder, float32 field parameters, bf16 products inside the parameter preparation), which no
+    backend accepts. The fields, divergences and log-density sums are precision-sensitive (a
+    divergence is a sum of D terms of both signs), so they are computed in float32 with autocast
+    off, and the outputs are float32. Outside autocast nothing changes (dtypes are validated as usual).
+    """
+
+    def cast(x):
+        return x.float() if isinstance(x, Tensor) and x.dtype in _LOW_PRECISION else x
+
+    @functools.wraps(op)
+    def wrapper(z, t, g_pot, g_rot, *args, **kwargs):
+        if isinstance(z, Tensor) and torch.is_autocast_enabled(z.device.type):
+            with torch.autocast(z.device.type, enabled=False):
+                return op(cast(z), cast(t), cast(g_pot), cast(g_rot), *args, **kwargs)
+        return op(z, t, g_pot, g_rot, *args, **kwargs)
+
+    return wrapper
+
+
+@float32_under_autocast
 def flow_step(
     z: Tensor,
     t: Union[float, Tensor],

@@ -17,7 +17,7 @@ from torch import Tensor
 
 from .backends import StepRequest, select
 from .fields import FieldBank
-from .ops import _active_fields, _check_inputs, _dtype_name, apply_step
+from .ops import _active_fields, _check_inputs, _dtype_name, apply_step, float32_under_autocast
 
 __all__ = ["flow_path", "FlowPathOut"]
 
@@ -50,6 +50,7 @@ def _check_path_coefficients(name: str, g, z0: Tensor, K: int, T: Optional[int])
     return g
 
 
+@float32_under_autocast
 def flow_path(
     z0: Tensor,
     t0: Union[float, Tensor],
