@@ -73,6 +73,8 @@ def _train_config(args):
         overrides.append(f"dataset={json.dumps(args.dataset)}")
     if args.seed is not None:
         overrides.append(f"seed={args.seed}")
+    if args.precision is not None:
+        overrides.append(f"precision={json.dumps(args.precision)}")
     return apply_overrides(config, overrides).validate()
 
 
@@ -157,6 +159,8 @@ def _add_train_arguments(parser) -> None:
                         help="a model kind (sta.models.MODELS): sta (default), static, linear, dense, betavae, slowvae")
     parser.add_argument("--dataset", default=None, help="digits (default), shapes, sprites or mnist")
     parser.add_argument("--seed", type=int, default=None)
+    parser.add_argument("--precision", choices=("fp32", "bf16"), default=None,
+                        help="fp32 (default) or bf16: the conv networks under bf16 autocast, the flow in float32")
     parser.add_argument("--set", action="append", metavar="KEY=VALUE",
                         help="override any config entry, e.g. --set model.latent=8 --set batch_size=16")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")

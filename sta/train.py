@@ -55,6 +55,10 @@ class TrainingDiverged(RuntimeError):
     ELBO term or gradient, and the last good checkpoint, which holds finite parameters."""
 
 
+#: TrainConfig.precision -> the dtype the networks run in under autocast (None: no autocast)
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16}
+
+
 @dataclass
 class TrainConfig:
     """Everything a run needs. ``model`` holds the :class:`ModelConfig`; the data-dependent model
@@ -74,6 +78,9 @@ class TrainConfig:
         Gumbel sample is stepped over, while a diverged run (lr too large: every later step is NaN)
         stops within seconds instead of training on NaN.
     device: "auto", "cpu" or "cuda".  seed: everything random derives from it.
+    precision: "fp32" or "bf16": the encoder, decoder and posterior networks run under bf16
+        autocast (their outputs are cast back to float32); the fields, divergences, log-densities
+        and ELBO sums stay float32 on every backend (:attr:`sta.models.base.STAModel.network_dtype`).
     """
 
     preset: str = "quick"
@@ -95,6 +102,7 @@ class TrainConfig:
     max_nonfinite_steps: int = 5
     device: str = "cpu"
     seed: int = 0
+    precision: str = "fp32"
 
     def validate(self) -> "TrainConfig":
         from .data import DATASETS
@@ -106,6 +114,8 @@ class TrainConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ConfigError(f"{name}: expected a positive int, got {value!r}")
+        if self.precision not in PRECISIONS:
+            raise ConfigError(f"precision: expected one of {tuple(PRECISIONS)}, got {self.precision!r}")
         if self.batch_size > self.num_sequences:
             raise ConfigError(f"batch_size: {self.batch_size} is larger than num_sequences ({self.num_sequences})")
         numbers = {"lr": self.lr, "slab_start": self.slab_start, "kl_warmup": self.kl_warmup,
@@ -460,6 +470,7 @@ def _train(config: TrainConfig, out, resume, progress, ctx, update) -> STAModel:
     config.model = replace(config.model, channels=ds.channels, image_size=ds.image_size, transitions=ds.T)
     torch.manual_seed(config.seed)  # identical initial weights on every rank
     model = STAModel(config.model).to(ctx.device)
+    model.network_dtype = PRECISIONS[config.precision]
     if ctx.main:  # the sizes of the run, at its start (the paper preset: 78.6M parameters)
         from .models.nets_authors import parameter_counts
 

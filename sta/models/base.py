@@ -152,14 +152,26 @@ class STAModel(nn.Module):
 
     # -- pieces ------------------------------------------------------------------------------
 
+    #: dtype of the conv networks under autocast (None: no autocast); set by the trainer from
+    #: ``TrainConfig.precision``. Their outputs come back as float32, so the fields, divergences
+    #: and ELBO sums are float32 whatever it is.
+    network_dtype: Optional[torch.dtype] = None
+
+    def run_network(self, net: nn.Module, x: Tensor) -> Tensor:
+        """``net(x)`` under autocast to :attr:`network_dtype` (when set), returned in float32."""
+        if self.network_dtype is None:
+            return net(x)
+        with torch.autocast(x.device.type, dtype=self.network_dtype):
+            return net(x).float()
+
     def encode(self, x0: Tensor) -> tuple[Tensor, Tensor]:
         """``x0: (B, C, S, S) -> (mu: (B, D), logvar: (B, D))`` of q(z | x)."""
-        mu, logvar = self.encoder(x0).chunk(2, dim=1)
+        mu, logvar = self.run_network(self.encoder, x0).chunk(2, dim=1)
         return mu, logvar.clamp(-12.0, 6.0)
 
     def decode(self, z: Tensor) -> Tensor:
         """``z: (N, D) -> logits: (N, C, S, S)`` (Bernoulli logits; Gaussian mean is their sigmoid)."""
-        return self.decoder(z)
+        return self.run_network(self.decoder, z)
 
     def mean_image(self, z: Tensor) -> Tensor:
         """Decoder mean in [0, 1]: ``z: (N, D) -> (N, C, S, S)``."""
@@ -291,7 +303,7 @@ class CoefficientModel(STAModel):
         """
         B, T1 = x.shape[:2]
         pairs = torch.cat([x[:, :-1], x[:, 1:]], dim=2).flatten(0, 1)  # (B*T, 2C, S, S)
-        out = self.posterior(pairs).view(B, T1 - 1, self.num_posterior)
+        out = self.run_network(self.posterior, pairs).view(B, T1 - 1, self.num_posterior)
         Kc = self.config.num_coefficients
         m = F.softplus(out[..., -2 * Kc:-Kc])
         b = F.softplus(out[..., -Kc:]) + 1e-3
