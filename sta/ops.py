@@ -172,7 +172,8 @@ def float32_under_autocast(op):
 
     @functools.wraps(op)
     def wrapper(z, t, g_pot, g_rot, *args, **kwargs):
-        if isinstance(z, Tensor) and torch.is_autocast_enabled(z.device.type):
+        # meta tensors (shape-only, e.g. a backend's why_not tests): autocast has no such device
+        if isinstance(z, Tensor) and z.device.type != "meta" and torch.is_autocast_enabled(z.device.type):
             with torch.autocast(z.device.type, enabled=False):
                 return op(cast(z), cast(t), cast(g_pot), cast(g_rot), *args, **kwargs)
         return op(z, t, g_pot, g_rot, *args, **kwargs)
