@@ -16,6 +16,9 @@ line in ``VARIANTS``:
 
     reference   backend "torch": the pure-PyTorch reference of every flow op
     fast        the package defaults (backend "auto": the fastest available backend)
+    sparse      fast + spike_floor 0.01 (relaxed spikes below 1e-2 are skipped). On random frames
+                at initialisation few spikes are that small; after training about half are.
+    bf16        fast + the conv networks under bf16 autocast (TrainConfig.precision = "bf16")
 
 Phases: ``encoder``, ``posterior`` and ``decoder`` are the forward time inside those modules
 (forward hooks); ``path+loss`` is the rest of the forward (the latent path through the flow ops,
@@ -47,9 +50,12 @@ SIZES = {
     "d512": dict(latent=512, num_fields=16, hidden=512),
     "d1024": dict(latent=1024, num_fields=32, hidden=1024),
 }
+#: name -> (ModelConfig overrides, network dtype under autocast or None)
 VARIANTS = {
-    "reference": dict(backend="torch"),
-    "fast": dict(),
+    "reference": (dict(backend="torch"), None),
+    "fast": (dict(), None),
+    "sparse": (dict(spike_floor=0.01), None),
+    "bf16": (dict(), torch.bfloat16),
 }
 PHASES = ("encoder", "posterior", "path+loss", "decoder", "backward", "optimizer")
 
@@ -93,13 +99,17 @@ class PhaseClock:
 
 @contextmanager
 def count_pairs():
-    """Count the coefficients handed to ``flow_step`` by the model kinds, and how many are non-zero
+    """Count the coefficients handed to ``flow_step`` / ``flow_path`` by the model kinds, and how many are non-zero
     (the pairs a backend evaluates). Yields a dict ``{"total": int, "active": int}``."""
     counts = {"total": 0, "active": 0}
     patched = []
     for name, module in list(sys.modules.items()):
-        if name.startswith("sta.models") and hasattr(module, "flow_step"):
-            original = module.flow_step
+        if not name.startswith("sta.models"):
+            continue
+        for op in ("flow_step", "flow_path"):  # same leading arguments: (z, t, g_pot, g_rot, ...)
+            if not hasattr(module, op):
+                continue
+            original = getattr(module, op)
 
             def wrapper(z, t, g_pot, g_rot, *args, _original=original, **kwargs):
                 for g in (g_pot, g_rot):
@@ -108,21 +118,23 @@ def count_pairs():
                         counts["active"] += int((g.detach() != 0).sum())
                 return _original(z, t, g_pot, g_rot, *args, **kwargs)
 
-            module.flow_step = wrapper
-            patched.append((module, original))
+            setattr(module, op, wrapper)
+            patched.append((module, op, original))
     try:
         yield counts
     finally:
-        for module, original in patched:
-            module.flow_step = original
+        for module, op, original in patched:
+            setattr(module, op, original)
 
 
 def bench_one(size: str, batch: int, variant: str, device: torch.device, reps: int, seed: int = 0) -> dict:
     """Median seconds per iteration and its phase split for one configuration."""
     torch.manual_seed(seed)
+    overrides, network_dtype = VARIANTS[variant]
     config = ModelConfig(model="sta", channels=3, image_size=28, transitions=8, conv=16,
-                         **SIZES[size], **VARIANTS[variant])
+                         **SIZES[size], **overrides)
     model = STAModel(config).to(device).train()
+    model.network_dtype = network_dtype
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
     x = torch.rand(batch, config.transitions + 1, 3, 28, 28, generator=torch.Generator().manual_seed(seed)).to(device)
     clock = PhaseClock(model, ("encoder", "posterior", "decoder"), device)
@@ -191,7 +203,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", nargs="+", default=list(SIZES), choices=list(SIZES))
     parser.add_argument("--batches", nargs="+", type=int, default=[32, 128])
-    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    parser.add_argument("--variants", nargs="+", default=["reference", "fast"], choices=list(VARIANTS))
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1: comparable runs)")
     parser.add_argument("--reps", type=int, default=3, help="timed iterations per configuration")

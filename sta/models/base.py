@@ -333,7 +333,10 @@ class CoefficientModel(STAModel):
         else:
             spikes, kl_spike = self.sample_spikes(logits, temperature, generator)
         kl_slab = (spikes * laplace_kl(m, b, c.slab_loc, c.slab_scale)).sum((1, 2)) if slab else zero
-        z, kl_flow, hj, div = self.transport(initial.z, spikes * speed)
+        coefficient_spikes = spikes
+        if c.spike_floor > 0:  # sparse training: pairs below the floor are exact zeros, never evaluated
+            coefficient_spikes = torch.where(spikes < c.spike_floor, torch.zeros_like(spikes), spikes)
+        z, kl_flow, hj, div = self.transport(initial.z, coefficient_spikes * speed)
         # T * kl_z0: the t = 0 part of log q_t - log p_t, for t = 1..T (closed form)
         return PathTerms(z, T * initial.kl + kl_flow, kl_spike, kl_slab, hj, div)
 

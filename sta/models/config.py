@@ -83,6 +83,10 @@ class ModelConfig:
     prior: "diffusion" (learned sigma_{t,k}) or "potential" (a second bank of potential fields).
     likelihood: "bernoulli" per pixel, or "gaussian" with fixed ``gaussian_sigma``.
     hard: straight-through hard spikes in training (see :mod:`sta.models.base`).
+    spike_floor: sparse training: a relaxed spike below it becomes an exact zero in the flow's
+        coefficients, so that (sample, field) pair is not evaluated, forward or backward, and its
+        spike receives no reconstruction gradient (the KL terms still see the relaxed spike).
+        0 (default) keeps every pair; the default has not been chosen by a measured training run yet.
     lambda_hj, lambda_div: weights of the Hamilton-Jacobi and mlp-divergence penalties.
     pi0, stay, slab_loc, slab_scale: the spike-and-slab prior (docs/maths.md 4.1).
     backend: flow_step backend ("auto" picks the fastest available).
@@ -110,6 +114,7 @@ class ModelConfig:
     likelihood: str = "bernoulli"
     gaussian_sigma: float = 0.1
     hard: bool = False
+    spike_floor: float = 0.0
     lambda_hj: float = 1.0
     lambda_div: float = 1.0
     pi0: float = 0.1
@@ -141,6 +146,9 @@ class ModelConfig:
                 raise ValueError(f"{name}: expected a probability in (0, 1), got {getattr(self, name)}")
         if self.slab_scale <= 0 or self.gaussian_sigma <= 0 or self.field_weight_scale <= 0:
             raise ValueError("slab_scale, gaussian_sigma, field_weight_scale: expected > 0")
+        if isinstance(self.spike_floor, bool) or not isinstance(self.spike_floor, (int, float)) \
+                or not 0.0 <= self.spike_floor < 1.0:
+            raise ValueError(f"spike_floor: expected a float in [0, 1), got {self.spike_floor!r}")
         self._check_kind_options(kind)
 
     def _check_kind_options(self, kind) -> None:
