@@ -143,7 +143,7 @@ def jobs(targets=TARGETS) -> list[Job]:
         meta = dict(launch.meta)
         for arch in targets:
             if autotuned:
-                configs = fs.keep_configs(kernel.configs, arch, meta)
+                configs = fs.keep_configs(kernel.configs, arch, meta, fn.__name__)
             else:  # the launch options the JIT uses when the launcher passes none
                 configs = [triton.Config({}, num_warps=meta.pop("num_warps", 4), num_stages=meta.pop("num_stages", 3))]
             for cfg in configs:

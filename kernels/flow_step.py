@@ -130,19 +130,21 @@ PRECISIONS = ("ieee", "tf32", "bf16", "fp16", "tf32_emulated")
 _FMA = ("ieee", "tf32_emulated")
 
 #: Tile spaces, (BLOCK_H, BLOCK_D, num_warps, num_stages), in order of preference (largest
-#: first); :func:`keep_configs` keeps the first one that fits the target. Chosen from the AOT
-#: table of ``python -m sta.kernels.aot`` (sm_80/sm_90, BLOCK_M = 64): the earlier 8-config
-#: space spilled in 231 of 460 compiles -- "ieee" lowers tl.dot to FMA with both operand tiles
-#: in registers (32x32 tiles at 4 warps and 2 stages: 255 registers + 372 B spill), and 64/128-wide
-#: tf32 tiles at 3 stages spilled 0.4-3 KB and needed up to 393 KB of shared memory. 8 warps
-#: halve the per-thread share of every tile (32x32, BLOCK_M = 64: 126-180 registers, no spill).
-_FMA_SPACE = ((32, 32, 8, 1), (16, 16, 4, 1))
-_MMA_SPACE = ((64, 64, 8, 2), (64, 32, 8, 1), (32, 32, 8, 1))
+#: first); :func:`keep_configs` keeps the first one that fits the launch. Chosen from the AOT
+#: tables of ``python -m sta.kernels.aot`` (sm_80/sm_90): the earlier 8-config space (4-8 warps,
+#: 2-3 stages, tiles up to 128x128) spilled in 231 of 460 compiles -- "ieee" lowers tl.dot to FMA
+#: with both operand tiles in registers (32x32 tiles, 4 warps, 2 stages, BLOCK_M = 64: 255
+#: registers + 372 B spill) and 64/128-wide tf32 tiles at 3 stages spilled 0.4-3 KB and needed up
+#: to 393 KB of shared memory. A first pruned space at 8 warps (32x32 FMA, 64x64 / 64x32 tensor
+#: cores) still spilled in 54 of 462 compiles, all in the heavy variants (mlp, curl, hidden
+#: backward) or at 8 warps; hence 4 warps, 1 stage, and tiles sized by the launch's live tiles.
+_FMA_SPACE = ((32, 32, 4, 1), (16, 16, 4, 1))
+_MMA_SPACE = ((32, 32, 4, 1), (16, 16, 4, 1))
 
 #: Most shared memory one block may use (bytes, opt-in maximum) per compute capability.
 SHARED_LIMIT = {80: 166912, 86: 101376, 89: 101376, 90: 232448}
-#: Register-pressure budget of :func:`_estimate` (fp32 tile values per thread, see there).
-_FMA_BUDGET, _MMA_BUDGET = 48, 64
+#: Budget of :func:`_estimate`: live fp32 tile values per thread (see there).
+_FMA_BUDGET, _MMA_BUDGET = 8, 16
 
 
 def _configs():
@@ -165,22 +167,23 @@ def gpu_configs():
     return [triton.Config({"BLOCK_H": bh, "BLOCK_D": bd}, num_warps=w, num_stages=s) for bh, bd, w, s in space]
 
 
-def _estimate(cfg, block_m: int, fma: bool) -> tuple[float, int]:
+def _live_tiles(kernel: str, meta: dict) -> int:
+    """(BLOCK_M x tile) fp32 tensors a launch keeps live: one accumulator, plus the second product
+    of mlp fields, plus the curl product, plus the hidden backward's epilogue (h, s, s1, ...)."""
+    return (1 + (meta.get("KIND") == MLP) + bool(meta.get("WANT_CURL"))
+            + (kernel == "_flow_step_hidden_bwd_kernel"))
+
+
+def _estimate(cfg, block_m: int, live: int, fma: bool) -> tuple[float, int]:
     """(register-pressure estimate, shared-memory bytes estimate) of one config at ``block_m`` rows.
 
-    Registers: fp32 tile values per thread of the largest product step -- the two operand tiles
-    (BLOCK_M x BLOCK_H and BLOCK_H x BLOCK_D, or the BLOCK_M x BLOCK_D one), times num_stages,
-    plus two accumulators (mlp and curl paths keep two) -- divided by the thread count. Every
-    measured spill-free compile scored <= 40 (FMA) / <= 64 (tensor cores), every spilling one
-    above (AOT tables of this module's docstring). Shared memory: the pipelined operand tiles
-    (tensor cores), or one tile for the layout conversion (FMA), in fp32.
+    Registers: fp32 values per thread of the ``live`` BLOCK_M x max(BLOCK_H, BLOCK_D) tiles (the
+    FMA products also hold their operand tiles in registers: hence a lower budget). Shared
+    memory: the staged operand tiles of the products, in fp32.
     """
     bh, bd = cfg.kwargs["BLOCK_H"], cfg.kwargs["BLOCK_D"]
-    threads = 32 * cfg.num_warps
-    wide = max(bh, bd)
-    operands = block_m * bh + block_m * bd + bh * bd
-    values = (cfg.num_stages * operands + 2 * block_m * wide) / threads
-    shared = 4 * (cfg.num_stages * operands if not fma else block_m * wide)
+    values = live * block_m * max(bh, bd) / (32 * cfg.num_warps)
+    shared = 4 * max(cfg.num_stages, 1) * (block_m * bh + block_m * bd + bh * bd) * (2 if live > 1 else 1)
     return values, shared
 
 
@@ -190,36 +193,40 @@ def target_arch() -> int:
     return 10 * major + minor
 
 
-def keep_configs(configs, arch: int, meta: dict):
-    """The configs to autotune over for one launch on target ``arch`` (e.g. 80, 90).
+def keep_configs(configs, arch: int, meta: dict, kernel: str):
+    """The configs to autotune over for one launch of ``kernel`` (its name) on target ``arch``.
 
-    ``meta``: the launch's constexprs (``INPUT_PRECISION``, ``BLOCK_M``). Keeps the space of the
-    precision (FMA for "ieee", tensor cores otherwise), then the first (largest) config whose
-    register estimate is within budget and whose shared memory fits the target (so no config is
-    found out by an OutOfResources at run time); the smallest one when none fits.
-    ``tests/test_triton_aot.py`` compiles what this returns for sm_80 and sm_90.
+    ``meta``: the launch's constexprs (``INPUT_PRECISION``, ``BLOCK_M``, ``KIND``, ``WANT_CURL``).
+    Keeps the space of the precision (FMA for "ieee", tensor cores otherwise), then the first
+    (largest) config whose register estimate is within budget and whose shared memory fits the
+    target (so no config is found out by an OutOfResources at run time); the smallest one when
+    none fits. ``tests/test_triton_aot.py`` compiles what this returns for sm_80 and sm_90.
     """
     fma = meta["INPUT_PRECISION"] in _FMA
     space = _FMA_SPACE if fma else _MMA_SPACE
     limit = SHARED_LIMIT.get(arch, min(SHARED_LIMIT.values()))
     budget = _FMA_BUDGET if fma else _MMA_BUDGET
-    ordered = sorted((c for c in configs if (c.kwargs["BLOCK_H"], c.kwargs["BLOCK_D"], c.num_warps, c.num_stages)
-                      in space), key=lambda c: space.index((c.kwargs["BLOCK_H"], c.kwargs["BLOCK_D"], c.num_warps,
-                                                             c.num_stages)))
+    live = _live_tiles(kernel, meta)
+
+    def key(c):
+        return c.kwargs["BLOCK_H"], c.kwargs["BLOCK_D"], c.num_warps, c.num_stages
+
+    ordered = sorted((c for c in configs if key(c) in space), key=lambda c: space.index(key(c)))
     for cfg in ordered:
-        regs, shared = _estimate(cfg, meta["BLOCK_M"], fma)
+        regs, shared = _estimate(cfg, meta["BLOCK_M"], live, fma)
         if regs <= budget and shared <= limit:
             return [cfg]
     return ordered[-1:]
 
 
-def _prune(configs, named_args, **meta):
-    """``early_config_prune`` of every autotuned kernel: :func:`keep_configs` for this device."""
-    return keep_configs(configs, target_arch(), meta)
+def _prune_for(kernel: str) -> dict:
+    """``prune_configs_by`` of one autotuned kernel: :func:`keep_configs` for this device."""
+    def prune(configs, named_args, **meta):
+        return keep_configs(configs, target_arch(), meta, kernel)
+    return {"early_config_prune": prune}
 
 
 _KEY = ["d_bucket", "h_bucket", "m_bucket"]
-_PRUNE = {"early_config_prune": _prune}
 
 
 def block_m_for(rows_per_field: int) -> int:
@@ -321,7 +328,7 @@ def _tanh(x):
     return tl.where(x >= 0, t, -t)
 
 
-@triton.autotune(configs=_configs(), key=_KEY, prune_configs_by=_PRUNE)
+@triton.autotune(configs=_configs(), key=_KEY, prune_configs_by=_prune_for("_flow_step_hidden_fwd_kernel"))
 @triton.jit(do_not_specialize=["store_x2", "store_h"])  # 0/1 flags: one compiled variant
 def _flow_step_hidden_fwd_kernel(
     z_ptr, stride_zb, stride_zd,  # z: (B, D) latents, any strides
@@ -398,7 +405,7 @@ def _flow_step_hidden_fwd_kernel(
         tl.store(dudt_ptr + offs_m, dudt_acc)
 
 
-@triton.autotune(configs=_configs(), key=_KEY, prune_configs_by=_PRUNE, reset_to_zero=["vel_ptr", "div_ptr"])
+@triton.autotune(configs=_configs(), key=_KEY, prune_configs_by=_prune_for("_flow_step_fwd_kernel"), reset_to_zero=["vel_ptr", "div_ptr"])
 @triton.jit
 def _flow_step_fwd_kernel(
     rows_ptr,  # (Npad,) int64: sample of each padded row, -1 for padding
@@ -485,7 +492,7 @@ def _flow_step_fwd_kernel(
             tl.store(o1_ptr + pair, curl, mask=valid)
 
 
-@triton.autotune(configs=_configs(), key=_KEY, prune_configs_by=_PRUNE)
+@triton.autotune(configs=_configs(), key=_KEY, prune_configs_by=_prune_for("_flow_step_bwd_kernel"))
 @triton.jit
 def _flow_step_bwd_kernel(
     rows_ptr,  # (Npad,) int64: sample of each padded row, -1 for padding
@@ -563,7 +570,7 @@ def _flow_step_bwd_kernel(
     tl.store(gg_ptr + b * stride_ggb + k * stride_ggk, gg, mask=valid)
 
 
-@triton.autotune(configs=_configs(), key=_KEY, prune_configs_by=_PRUNE)
+@triton.autotune(configs=_configs(), key=_KEY, prune_configs_by=_prune_for("_flow_step_hidden_bwd_kernel"))
 @triton.jit
 def _flow_step_hidden_bwd_kernel(
     rows_ptr,  # (Npad,) int64: sample of each padded row, -1 for padding
@@ -662,7 +669,7 @@ def _flow_step_hidden_bwd_kernel(
         tl.store(gh_ptr + out_off, tl.where(keep, gh, 0.0), mask=mh[None, :])
 
 
-@triton.autotune(configs=_configs(), key=_KEY, prune_configs_by=_PRUNE, reset_to_zero=["gz_ptr"])
+@triton.autotune(configs=_configs(), key=_KEY, prune_configs_by=_prune_for("_flow_step_dz_bwd_kernel"), reset_to_zero=["gz_ptr"])
 @triton.jit
 def _flow_step_dz_bwd_kernel(
     rows_ptr,  # (Npad,) int64: sample of each padded row, -1 for padding
@@ -720,8 +727,10 @@ def _flow_step_param_bwd_kernel(
     end = tl.load(block_ptr_ptr + k + 1).to(tl.int64)
     acc = tl.zeros((BLOCK_P, BLOCK_Q), dtype=tl.float32)
     colsum = tl.zeros((BLOCK_P,), dtype=tl.float32)
-    for blk in range(start, end):
-        offs_m = blk * BLOCK_M + tl.arange(0, BLOCK_M)
+    # rows in chunks of 16 whatever BLOCK_M: the FMA product holds its K = rows operand tiles in
+    # registers (K = 64 spilled 250 B with bf16 z, sm_80/sm_90)
+    for row in range(start * BLOCK_M, end * BLOCK_M, 16):
+        offs_m = row + tl.arange(0, 16)
         at = tl.load(a_ptr + offs_m[None, :] * stride_an + offs_p[:, None], mask=mp[:, None], other=0.0)
         if B_ONES:
             colsum += tl.sum(at, 1)

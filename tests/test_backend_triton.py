@@ -328,15 +328,28 @@ from sta.kernels import launch as kernel_launch  # noqa: E402
 from tests.tolerances import TF32, max_rel_error  # noqa: E402
 
 
+AUTOTUNED = ("_flow_step_hidden_fwd_kernel", "_flow_step_fwd_kernel", "_flow_step_bwd_kernel",
+             "_flow_step_hidden_bwd_kernel", "_flow_step_dz_bwd_kernel")
+VARIANTS = [dict(KIND=fs.POTENTIAL, WANT_CURL=False), dict(KIND=fs.HAMILTONIAN, WANT_CURL=False),
+            dict(KIND=fs.HAMILTONIAN, WANT_CURL=True), dict(KIND=fs.MLP, WANT_CURL=False)]
+
+
+def _kept(arch, kernel, precision, block_m, variant):
+    meta = dict(variant, INPUT_PRECISION=precision, BLOCK_M=block_m)
+    return fs.keep_configs(fs.gpu_configs(), arch, meta, kernel)
+
+
 def _kept_tiles():
     """(BLOCK_H, BLOCK_D, BLOCK_M) -> config, for every config the GPU pruning keeps for some
-    target (sm_80, sm_90), precision and row-block size: what a GPU can run."""
+    target (sm_80, sm_90), kernel, field kind, precision and row-block size: what a GPU can run."""
     kept = {}
     for arch in (80, 90):
-        for precision in ("ieee", "tf32", "bf16", "fp16"):
-            for block_m in (16, 32, 64):
-                for cfg in fs.keep_configs(fs.gpu_configs(), arch, {"INPUT_PRECISION": precision, "BLOCK_M": block_m}):
-                    kept.setdefault((cfg.kwargs["BLOCK_H"], cfg.kwargs["BLOCK_D"], block_m), cfg)
+        for kernel in AUTOTUNED:
+            for precision in ("ieee", "tf32", "bf16", "fp16"):
+                for block_m in (16, 32, 64):
+                    for variant in VARIANTS:
+                        for cfg in _kept(arch, kernel, precision, block_m, variant):
+                            kept.setdefault((cfg.kwargs["BLOCK_H"], cfg.kwargs["BLOCK_D"], block_m), cfg)
     return kept
 
 
@@ -348,11 +361,13 @@ KEPT = _kept_tiles()
 def test_every_kept_config_parity(tile, monkeypatch):
     """The interpreter's default is one 16x16 tile with BLOCK_M = 16; here each GPU tile size and
     row-block size runs (forced past the autotuner), with tiles wider than D and H and several
-    row blocks per field, forward and backward, all three field kinds."""
+    row blocks per field, forward and backward; potential fields in every case, hamiltonian (with
+    curl) and mlp fields in alternate cases (the interpreter is slow)."""
     bh, bd, block_m = tile
     monkeypatch.setattr(fs, "block_m_for", lambda rows: block_m)
     B = block_m + 3  # the first field spans two row blocks
-    bank = _bank(D=5, H=19, Kp=2, Kr=2, rotational="mlp" if block_m == 32 else "hamiltonian")
+    rotational = "mlp" if sorted(KEPT).index(tile) % 2 else "hamiltonian"
+    bank = _bank(D=5, H=19, Kp=2, Kr=2, rotational=rotational)
     z = torch.randn(B, 5, requires_grad=True)
     t = torch.tensor(0.4, requires_grad=True)
     g_pot = _coefficients(B, 2, "active").requires_grad_()
@@ -361,16 +376,18 @@ def test_every_kept_config_parity(tile, monkeypatch):
         _compare_step(bank, z, t, g_pot, g_rot)
 
 
-def test_kept_configs_cover_both_spaces():
-    """The FMA ("ieee") and tensor-core spaces each keep a config at every BLOCK_M, and the
-    pruning drops what does not fit (e.g. 64x64 at 2 stages is only kept for BLOCK_M = 16)."""
-    for precision in ("ieee", "tf32", "bf16"):
-        for block_m in (16, 32, 64):
-            kept = fs.keep_configs(fs.gpu_configs(), 90, {"INPUT_PRECISION": precision, "BLOCK_M": block_m})
-            assert len(kept) == 1
-            assert (kept[0].num_warps, kept[0].num_stages) != (4, 3)  # the old spilling defaults
-    big = [t for t in KEPT if t[:2] == (64, 64)]
-    assert big == [(64, 64, 16)]
+def test_pruning_sizes_tiles_by_live_tiles():
+    """One config per launch; light launches (potential forward, 16 rows) get 32-wide tiles, heavy
+    ones (curl in the hidden backward, 64 rows) 16-wide; never the 8-warp / multi-stage configs
+    that spilled in the AOT table."""
+    for arch in (80, 90):
+        for precision in ("ieee", "tf32", "bf16"):
+            light = _kept(arch, "_flow_step_fwd_kernel", precision, 16, VARIANTS[0])
+            heavy = _kept(arch, "_flow_step_hidden_bwd_kernel", precision, 64, VARIANTS[2])
+            assert len(light) == len(heavy) == 1
+            assert light[0].kwargs == {"BLOCK_H": 32, "BLOCK_D": 32}
+            assert heavy[0].kwargs == {"BLOCK_H": 16, "BLOCK_D": 16}
+    assert all((c.num_warps, c.num_stages) == (4, 1) for c in KEPT.values())
 
 
 def _round_tf32(x: torch.Tensor) -> torch.Tensor:
