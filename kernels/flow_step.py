@@ -169,9 +169,10 @@ def gpu_configs():
 
 def _live_tiles(kernel: str, meta: dict) -> int:
     """(BLOCK_M x tile) fp32 tensors a launch keeps live: one accumulator, plus the second product
-    of mlp fields, plus the curl product, plus the hidden backward's epilogue (h, s, s1, ...)."""
+    of mlp fields, plus the curl product, plus the epilogue of the hidden stages (h, s, s1, the
+    per-row sums; the hidden forward at 64 rows and 32x32 tiles needed 255 registers and spilled)."""
     return (1 + (meta.get("KIND") == MLP) + bool(meta.get("WANT_CURL"))
-            + (kernel == "_flow_step_hidden_bwd_kernel"))
+            + (kernel in ("_flow_step_hidden_bwd_kernel", "_flow_step_hidden_fwd_kernel")))
 
 
 def _estimate(cfg, block_m: int, live: int, fma: bool) -> tuple[float, int]:
