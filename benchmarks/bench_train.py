@@ -14,7 +14,8 @@ Sizes (``--sizes``; image 28x28x3, T = 8, the ``quick`` preset's conv width unle
 Variants (``--variants``), each a set of ``ModelConfig`` overrides, so a new training option is one
 line in ``VARIANTS``:
 
-    reference   backend "torch": the pure-PyTorch reference of every flow op
+    reference   backend "torch", and the path as T per-step flow_step calls (every field parameter,
+                M = A W^T included, re-formed at every step): how sta trained before flow_path
     fast        the package defaults (backend "auto": the fastest available backend)
     sparse      fast + spike_floor 0.01 (relaxed spikes below 1e-2 are skipped). On random frames
                 at initialisation few spikes are that small; after training about half are.
@@ -50,13 +51,48 @@ SIZES = {
     "d512": dict(latent=512, num_fields=16, hidden=512),
     "d1024": dict(latent=1024, num_fields=32, hidden=1024),
 }
-#: name -> (ModelConfig overrides, network dtype under autocast or None)
+#: name -> (ModelConfig overrides, network dtype under autocast or None, per-step flow_step path)
 VARIANTS = {
-    "reference": (dict(backend="torch"), None),
-    "fast": (dict(), None),
-    "sparse": (dict(spike_floor=0.01), None),
-    "bf16": (dict(), torch.bfloat16),
+    "reference": (dict(backend="torch"), None, True),
+    "fast": (dict(), None, False),
+    "sparse": (dict(spike_floor=0.01), None, False),
+    "bf16": (dict(), torch.bfloat16, False),
 }
+
+
+def chained_flow_path(z0, t0, g_pot, g_rot, fields, dt=1.0, outputs=("z", "div"), backend="auto"):
+    """The definition of :func:`sta.flow_path` (T chained flow_step calls, every field parameter
+    re-formed at every step): how the model ran before flow_path, the reference of the benchmark."""
+    from sta import FlowPathOut, flow_step
+
+    T = (g_pot if g_pot is not None else g_rot).shape[1]
+    z, steps = z0, []
+    for t in range(T):
+        out = flow_step(z, t0 + t * dt, None if g_pot is None else g_pot[:, t], None if g_rot is None else g_rot[:, t],
+                        fields, dt=dt, outputs=tuple(set(outputs) | {"z"}), backend=backend)
+        steps.append(out)
+        z = out.z
+    stacked = {"z": torch.stack([z0] + [s.z for s in steps], 1)}
+    for name in outputs:
+        if name != "z":
+            stacked[name] = torch.stack([getattr(s, name) for s in steps], 1)
+    return FlowPathOut(**stacked)
+
+
+@contextmanager
+def per_step_path(enabled: bool):
+    """Run the model kinds' flow_path as T per-step flow_step calls (the reference variant)."""
+    patched = []
+    if enabled:
+        for name, module in list(sys.modules.items()):
+            if name.startswith("sta.models") and hasattr(module, "flow_path"):
+                patched.append((module, module.flow_path))
+                module.flow_path = chained_flow_path
+    try:
+        yield
+    finally:
+        for module, original in patched:
+            module.flow_path = original
 PHASES = ("encoder", "posterior", "path+loss", "decoder", "backward", "optimizer")
 
 
@@ -130,7 +166,7 @@ def count_pairs():
 def bench_one(size: str, batch: int, variant: str, device: torch.device, reps: int, seed: int = 0) -> dict:
     """Median seconds per iteration and its phase split for one configuration."""
     torch.manual_seed(seed)
-    overrides, network_dtype = VARIANTS[variant]
+    overrides, network_dtype, per_step = VARIANTS[variant]
     config = ModelConfig(model="sta", channels=3, image_size=28, transitions=8, conv=16,
                          **SIZES[size], **overrides)
     model = STAModel(config).to(device).train()
@@ -161,13 +197,14 @@ def bench_one(size: str, batch: int, variant: str, device: torch.device, reps: i
         phases.setdefault("optimizer", []).append(t3 - t2)
         phases.setdefault("total", []).append(t3 - t0)
 
-    iteration({})  # warm-up: first-call costs (extension load, allocator) are not the user's steady state
-    phases: dict = {}
-    with count_pairs() as pairs:
-        for _ in range(reps):
-            iteration(phases)
-    clock.remove()
-    peak = peak_memory_mb(lambda: iteration({}), device)
+    with per_step_path(per_step):
+        iteration({})  # warm-up: first-call costs (extension load, allocator) are not the steady state
+        phases: dict = {}
+        with count_pairs() as pairs:
+            for _ in range(reps):
+                iteration(phases)
+        clock.remove()
+        peak = peak_memory_mb(lambda: iteration({}), device)
     totals = sorted(phases["total"])
     row = {
         "size": size, "D": config.latent, "K": config.num_fields, "H": config.hidden, "batch": batch,
