@@ -88,7 +88,13 @@ def precision_for(dtype: torch.dtype) -> str:
         return "bf16"
     if dtype == torch.float16:
         return "fp16"
-    return "ieee" if torch.get_float32_matmul_precision() == "highest" else "tf32"
+    return "ieee" if _matmul_precision() == "highest" else "tf32"
+
+
+@torch.compiler.assume_constant_result
+def _matmul_precision() -> str:
+    # a constant for torch.compile: dynamo cannot put a function returning a str into the graph
+    return torch.get_float32_matmul_precision()
 
 
 def deterministic_refusal() -> str:
