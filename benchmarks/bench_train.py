@@ -45,6 +45,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _harness import RESULTS_DIR, peak_memory_mb, print_table, provenance, write_csv  # noqa: E402
 
 from sta.model import ModelConfig, STAModel  # noqa: E402
+from sta.path import chained_flow_path  # noqa: E402
 
 SIZES = {
     "paper": dict(latent=324, num_fields=3, hidden=64),
@@ -58,25 +59,6 @@ VARIANTS = {
     "sparse": (dict(spike_floor=0.01), None, False),
     "bf16": (dict(), torch.bfloat16, False),
 }
-
-
-def chained_flow_path(z0, t0, g_pot, g_rot, fields, dt=1.0, outputs=("z", "div"), backend="auto"):
-    """The definition of :func:`sta.flow_path` (T chained flow_step calls, every field parameter
-    re-formed at every step): how the model ran before flow_path, the reference of the benchmark."""
-    from sta import FlowPathOut, flow_step
-
-    T = (g_pot if g_pot is not None else g_rot).shape[1]
-    z, steps = z0, []
-    for t in range(T):
-        out = flow_step(z, t0 + t * dt, None if g_pot is None else g_pot[:, t], None if g_rot is None else g_rot[:, t],
-                        fields, dt=dt, outputs=tuple(set(outputs) | {"z"}), backend=backend)
-        steps.append(out)
-        z = out.z
-    stacked = {"z": torch.stack([z0] + [s.z for s in steps], 1)}
-    for name in outputs:
-        if name != "z":
-            stacked[name] = torch.stack([getattr(s, name) for s in steps], 1)
-    return FlowPathOut(**stacked)
 
 
 @contextmanager

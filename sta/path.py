@@ -17,9 +17,9 @@ from torch import Tensor
 
 from .backends import StepRequest, select
 from .fields import FieldBank
-from .ops import _active_fields, _check_inputs, _dtype_name, apply_step, float32_under_autocast
+from .ops import _active_fields, _check_inputs, _dtype_name, apply_step, float32_under_autocast, flow_step
 
-__all__ = ["flow_path", "FlowPathOut"]
+__all__ = ["flow_path", "FlowPathOut", "chained_flow_path"]
 
 
 class FlowPathOut(NamedTuple):
@@ -137,3 +137,21 @@ def flow_path(
             else:
                 result[name] = z0.new_zeros((B, 0) if width is None else (B, 0, width))
     return FlowPathOut(**result)
+
+
+def chained_flow_path(z0, t0, g_pot, g_rot, fields, dt=1.0, outputs=("z", "div"), backend="auto") -> FlowPathOut:
+    """The definition of :func:`flow_path`: T separate :func:`sta.flow_step` calls, every field
+    parameter (``M = A W^T`` included) formed again at every step. Slower; the reference that the
+    tests and benchmarks/bench_train.py compare flow_path with. Same arguments and result."""
+    T = (g_pot if g_pot is not None else g_rot).shape[1]
+    z, steps = z0, []
+    for t in range(T):
+        out = flow_step(z, t0 + t * dt, None if g_pot is None else g_pot[:, t], None if g_rot is None else g_rot[:, t],
+                        fields, dt=dt, outputs=tuple(set(outputs) | {"z"}), backend=backend)
+        steps.append(out)
+        z = out.z
+    stacked = {"z": torch.stack([z0] + [s.z for s in steps], 1)} if "z" in outputs else {}
+    for name in outputs:
+        if name != "z":
+            stacked[name] = torch.stack([getattr(s, name) for s in steps], 1)
+    return FlowPathOut(**stacked)

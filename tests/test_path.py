@@ -4,6 +4,7 @@ import torch
 
 import sta
 from sta.backends import BackendUnavailableError
+from sta.path import chained_flow_path
 from tests.tolerances import assert_close
 
 OUTPUTS = ("z", "div", "hj", "div_rot", "curl", "u")
@@ -28,20 +29,6 @@ def _coefficients(B, T, K, pattern, dtype, device):
     return g
 
 
-def _chained(z0, t0, g_pot, g_rot, fields, dt, backend, outputs):
-    z, steps = z0, []
-    for t in range(g_pot.shape[1]):
-        out = sta.flow_step(z, t0 + t * dt, g_pot[:, t], g_rot[:, t], fields, dt=dt, outputs=outputs,
-                            backend=backend)
-        steps.append(out)
-        z = out.z
-    stacked = {"z": torch.stack([z0] + [s.z for s in steps], 1)}
-    for name in outputs:
-        if name != "z":
-            stacked[name] = torch.stack([getattr(s, name) for s in steps], 1)
-    return stacked
-
-
 def _device(backend):
     return torch.device("cuda") if backend in ("cuda",) or (backend == "triton" and torch.cuda.is_available()) \
         else torch.device("cpu")
@@ -62,7 +49,7 @@ def test_flow_path_equals_chained_flow_step(backend, dtype, construction, rank, 
     g_rot = _coefficients(B, T, fields.num_rotational, pattern, dtype, device).requires_grad_()
     outputs = OUTPUTS if construction != "mlp" else tuple(o for o in OUTPUTS if o != "curl")
     got = sta.flow_path(z0, t0, g_pot, g_rot, fields, dt=dt, outputs=outputs, backend=backend)
-    want = _chained(z0, t0, g_pot, g_rot, fields, dt, backend, outputs)
+    want = chained_flow_path(z0, t0, g_pot, g_rot, fields, dt=dt, outputs=outputs, backend=backend)._asdict()
     for name in outputs:
         assert_close(getattr(got, name), want[name], dtype, what=f"{backend} {name}")
     inputs = [z0, g_pot, g_rot] + list(fields.parameters())
