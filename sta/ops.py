@@ -136,6 +136,17 @@ def _check_inputs(z, t, g_pot, g_rot, fields, dt, outputs):
     return g_pot, g_rot, _check_outputs(outputs)
 
 
+def select_backend(z: Tensor, fields: FieldBank, want: frozenset, backend: str):
+    """The backend implementation for steps of ``z: (B, D)`` through ``fields`` (one dispatch;
+    shared by :func:`flow_step` and :func:`sta.flow_path`)."""
+    request = StepRequest(
+        device=z.device, dtype=z.dtype, B=z.shape[0], D=fields.dim, H=fields.hidden,
+        Kp=fields.num_potential, Kr=fields.num_rotational, rotational=fields.construction,
+        outputs=want, requires_grad=torch.is_grad_enabled(),
+    )
+    return select(request, backend)
+
+
 def _active_fields(g: Optional[Tensor]) -> Optional[Tensor]:
     """(K,) bool: the fields with at least one active pair in ``g: (B, K)`` (None: every field)."""
     return None if g is None else (g != 0).any(0)
@@ -234,12 +245,7 @@ def flow_step(
         sta.backends.BackendUnavailableError when a named backend cannot run the input.
     """
     g_pot, g_rot, want = _check_inputs(z, t, g_pot, g_rot, fields, dt, outputs)
-    request = StepRequest(
-        device=z.device, dtype=z.dtype, B=z.shape[0], D=fields.dim, H=fields.hidden,
-        Kp=fields.num_potential, Kr=fields.num_rotational, rotational=fields.construction,
-        outputs=want, requires_grad=torch.is_grad_enabled(),
-    )
-    impl = select(request, backend)
+    impl = select_backend(z, fields, want, backend)
     pot_params, rot_params = prepare_step(fields, t, g_pot, g_rot)
     return apply_step(impl, z, g_pot, g_rot, pot_params, rot_params, fields.construction, dt, want)
 

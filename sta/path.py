@@ -15,9 +15,9 @@ from typing import Iterable, NamedTuple, Optional, Union
 import torch
 from torch import Tensor
 
-from .backends import StepRequest, select
 from .fields import FieldBank
-from .ops import _active_fields, _check_inputs, _dtype_name, apply_step, float32_under_autocast, flow_step
+from .ops import (_active_fields, _check_inputs, _dtype_name, apply_step, float32_under_autocast, flow_step,
+                  select_backend)
 
 __all__ = ["flow_path", "FlowPathOut", "chained_flow_path"]
 
@@ -104,14 +104,8 @@ def flow_path(
     if g_rot is None:
         g_rot = z0.new_zeros(B, T, fields.num_rotational)
     # Every per-step check of flow_step (z, devices, dtypes of the parameters, t, dt, outputs), once.
-    _, _, want = _check_inputs(z0, t0, g_pot[:, 0] if T else g_pot.new_zeros(B, fields.num_potential),
-                               g_rot[:, 0] if T else g_rot.new_zeros(B, fields.num_rotational), fields, dt, outputs)
-    request = StepRequest(
-        device=z0.device, dtype=z0.dtype, B=B, D=fields.dim, H=fields.hidden,
-        Kp=fields.num_potential, Kr=fields.num_rotational, rotational=fields.construction,
-        outputs=want, requires_grad=torch.is_grad_enabled(),
-    )
-    impl = select(request, backend)
+    _, _, want = _check_inputs(z0, t0, g_pot[:, 0] if T else None, g_rot[:, 0] if T else None, fields, dt, outputs)
+    impl = select_backend(z0, fields, want, backend)
     # Fields with an active pair somewhere in the path: (Kp,) / (Kr,) bool, on the device (no sync).
     active_pot = _active_fields(g_pot.flatten(0, 1))
     active_rot = _active_fields(g_rot.flatten(0, 1))

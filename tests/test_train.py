@@ -78,17 +78,14 @@ _REFERENCE = {}
 
 
 def spy_on_dispatch(monkeypatch, record):
-    """Call ``record(name, impl)`` for every backend dispatch: flow_step (sta.ops) and flow_path
-    (sta.path, the sta model's posterior path) each call ``select(request, name)``."""
-    import sta.path
+    """Call ``record(name, impl)`` for every backend dispatch: flow_step and flow_path (the sta
+    model's posterior path) both dispatch through ``sta.ops.select_backend`` -> ``select``."""
+    def spy(request, name, _original=sta.ops.select):
+        impl = _original(request, name)
+        record(name, impl.name)
+        return impl
 
-    for module in (sta.ops, sta.path):
-        def spy(request, name, _original=module.select):
-            impl = _original(request, name)
-            record(name, impl.name)
-            return impl
-
-        monkeypatch.setattr(module, "select", spy)
+    monkeypatch.setattr(sta.ops, "select", spy)
 
 
 def _device_for(backend: str) -> str:
