@@ -46,7 +46,7 @@ setup(
     python_requires=">=3.9",
     packages=find_packages(include=["sta", "sta.*"]) + ["sta.kernels"],
     package_dir={"sta.kernels": "kernels"},
-    package_data={"sta": ["csrc/**/*", "*.h"], "sta.kernels": ["*.py"]},
+    package_data={"sta.kernels": ["*.json"]},
     include_package_data=True,
     install_requires=["torch>=2.4", "numpy", "ninja", "scikit-learn", "matplotlib", "tqdm"],
     extras_require={

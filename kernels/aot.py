@@ -277,18 +277,60 @@ def table(job_list, results) -> str:
     return "\n".join(lines)
 
 
+def update_spills(job_list, results, path=None) -> int:
+    """Add the spilling flow-step compiles to the spill table that :func:`~sta.kernels.flow_step.keep_configs`
+    reads (and reload it); returns how many were new. The table keeps ptxas's figures for the record."""
+    path = path or fs.SPILLS_PATH
+    try:
+        with open(path) as f:
+            table_ = json.load(f)
+    except FileNotFoundError:
+        table_ = {"about": "Flow-step compiles that spill registers (ptxas, through triton's AOT compile); "
+                           "keep_configs skips them. Written by python -m sta.kernels.aot --update-spills.",
+                  "spills": []}
+    known = fs.load_spills(path)
+    new = []
+    for job, res in zip(job_list, results):
+        if not verdict(job, res).startswith("spills") or job.module != fs.__name__:
+            continue
+        consts = dict(job.constexprs)
+        key = fs.spill_key(job.name, job.arch, consts, job.num_warps, job.num_stages)
+        if key in known:
+            continue
+        known.add(key)
+        new.append(dict({"kernel": job.name, "arch": job.arch}, **{k: consts.get(k) for k in fs._SPILL_META},
+                        BLOCK_H=consts["BLOCK_H"], BLOCK_D=consts["BLOCK_D"], num_warps=job.num_warps,
+                        num_stages=job.num_stages, regs=res["regs"], spill_stores=res["spill_stores"],
+                        spill_loads=res["spill_loads"], stack=res["stack"]))
+    if new:
+        table_["spills"] = sorted(table_["spills"] + new, key=lambda e: (e["kernel"], e["arch"], str(e)))
+        with open(path + ".tmp", "w") as f:
+            json.dump(table_, f, indent=1)
+            f.write("\n")
+        os.replace(path + ".tmp", path)
+        fs.SPILLS = fs.load_spills(path)
+    return len(new)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--jobs", type=int, default=2, help="compile processes (default 2)")
     parser.add_argument("--log", help="write the per-compile and per-kernel tables here")
     parser.add_argument("--json", help="write the jobs and results here")
     parser.add_argument("--no-cache", action="store_true", help="compile everything")
+    parser.add_argument("--update-spills", action="store_true",
+                        help="add every kept config that spills to the spill table (sta/kernels/aot_spills.json) and "
+                             "compile again until the kept configs are spill-free or no option is left")
     args = parser.parse_args(argv)
     cache = None if args.no_cache else os.environ.get(
         "STA_AOT_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "sta", "triton_aot.json"))
     start = time.perf_counter()
     job_list = jobs()
     results, hits = run(job_list, args.jobs, cache)
+    while args.update_spills and update_spills(job_list, results):
+        job_list = jobs()
+        results, more = run(job_list, args.jobs, cache)
+        hits += more
     line = summary(job_list, results, time.perf_counter() - start, hits)
     if args.log:
         with open(args.log, "w") as f:

@@ -64,6 +64,8 @@ __all__ = [
     "deterministic_refusal",
     "keep_configs",
     "gpu_configs",
+    "spill_key",
+    "load_spills",
     "PRECISIONS",
 ]
 
@@ -135,17 +137,48 @@ PRECISIONS = ("ieee", "tf32", "bf16", "fp16", "tf32_emulated")
 #: modes whose products run on the FMA units (operand tiles in registers) vs. tensor cores
 _FMA = ("ieee", "tf32_emulated")
 
-#: Tile spaces, (BLOCK_H, BLOCK_D, num_warps, num_stages), in order of preference (largest
-#: first); :func:`keep_configs` keeps the first one that fits the launch. Chosen from the AOT
-#: tables of ``python -m sta.kernels.aot`` (sm_80/sm_90): the earlier 8-config space (4-8 warps,
-#: 2-3 stages, tiles up to 128x128) spilled in 231 of 460 compiles -- "ieee" lowers tl.dot to FMA
-#: with both operand tiles in registers (32x32 tiles, 4 warps, 2 stages, BLOCK_M = 64: 255
-#: registers + 372 B spill) and 64/128-wide tf32 tiles at 3 stages spilled 0.4-3 KB and needed up
-#: to 393 KB of shared memory. A first pruned space at 8 warps (32x32 FMA, 64x64 / 64x32 tensor
-#: cores) still spilled in 54 of 462 compiles, all in the heavy variants (mlp, curl, hidden
-#: backward) or at 8 warps; hence 4 warps, 1 stage, and tiles sized by the launch's live tiles.
-_FMA_SPACE = ((32, 32, 4, 1), (16, 16, 4, 1))
-_MMA_SPACE = ((32, 32, 4, 1), (16, 16, 4, 1))
+#: Tile spaces, (BLOCK_H, BLOCK_D), in order of preference (largest first); :func:`keep_configs`
+#: keeps the first one that fits the launch. Chosen from the AOT tables of
+#: ``python -m sta.kernels.aot`` (sm_80/sm_90): the earlier 8-config space (4-8 warps, 2-3 stages,
+#: tiles up to 128x128) spilled in 231 of 460 compiles -- "ieee" lowers tl.dot to FMA with both
+#: operand tiles in registers (32x32 tiles, 4 warps, 2 stages, BLOCK_M = 64: 255 registers + 372 B
+#: spill) and 64/128-wide tf32 tiles at 3 stages spilled 0.4-3 KB and needed up to 393 KB of shared
+#: memory. A first pruned space at 8 warps (32x32 FMA, 64x64 / 64x32 tensor cores) still spilled in
+#: 54 of 462 compiles, all in the heavy variants (mlp, curl, hidden backward) or at 8 warps; hence
+#: tiles sized by the launch's live tiles.
+_FMA_SPACE = ((32, 32), (16, 16))
+_MMA_SPACE = ((32, 32), (16, 16))
+#: Launch options per tile, (num_warps, num_stages), in order of preference. (4, 1) is spill-free
+#: in 452 of 462 AOT compiles; the other 10 keep 4-20 B of stack at 72-168 registers (a ptxas
+#: quirk, not register pressure: the same launch at 2 stages or 8 warps has none). Those are
+#: listed in ``aot_spills.json`` and :func:`keep_configs` moves on to the next option for them.
+_LAUNCH_OPTIONS = ((4, 1), (4, 2), (8, 1))
+#: The launch constexprs a spill depends on (besides the tile and the launch options).
+_SPILL_META = ("INPUT_PRECISION", "BLOCK_M", "KIND", "WANT_CURL")
+#: Compiles measured to spill: written by ``python -m sta.kernels.aot --update-spills``.
+SPILLS_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "aot_spills.json")
+
+
+def spill_key(kernel: str, arch: int, constexprs: dict, num_warps: int, num_stages: int) -> tuple:
+    """Identity of one compile in the spill table: kernel, target, the launch constexprs that
+    matter, the tile and the launch options."""
+    return (kernel, arch, *(constexprs.get(k) for k in _SPILL_META), constexprs["BLOCK_H"], constexprs["BLOCK_D"],
+            num_warps, num_stages)
+
+
+def load_spills(path: str = SPILLS_PATH) -> set:
+    """The spill table as a set of :func:`spill_key` tuples (empty when the file is missing)."""
+    import json
+
+    try:
+        with open(path) as f:
+            entries = json.load(f)["spills"]
+    except FileNotFoundError:
+        return set()
+    return {spill_key(e["kernel"], e["arch"], e, e["num_warps"], e["num_stages"]) for e in entries}
+
+
+SPILLS = load_spills()
 
 #: Most shared memory one block may use (bytes, opt-in maximum) per compute capability.
 SHARED_LIMIT = {80: 166912, 86: 101376, 89: 101376, 90: 232448}
@@ -169,8 +202,9 @@ def _configs():
 
 def gpu_configs():
     """Every GPU tile configuration (both spaces), as ``triton.Config``."""
-    space = dict.fromkeys(_FMA_SPACE + _MMA_SPACE)
-    return [triton.Config({"BLOCK_H": bh, "BLOCK_D": bd}, num_warps=w, num_stages=s) for bh, bd, w, s in space]
+    tiles = dict.fromkeys(_FMA_SPACE + _MMA_SPACE)
+    return [triton.Config({"BLOCK_H": bh, "BLOCK_D": bd}, num_warps=w, num_stages=s)
+            for bh, bd in tiles for w, s in _LAUNCH_OPTIONS]
 
 
 def _live_tiles(kernel: str, meta: dict) -> int:
@@ -201,29 +235,42 @@ def target_arch() -> int:
 
 
 def keep_configs(configs, arch: int, meta: dict, kernel: str):
-    """The configs to autotune over for one launch of ``kernel`` (its name) on target ``arch``.
+    """The config to autotune with for one launch of ``kernel`` (its name) on target ``arch``.
 
     ``meta``: the launch's constexprs (``INPUT_PRECISION``, ``BLOCK_M``, ``KIND``, ``WANT_CURL``).
-    Keeps the space of the precision (FMA for "ieee", tensor cores otherwise), then the first
-    (largest) config whose register estimate is within budget and whose shared memory fits the
-    target (so no config is found out by an OutOfResources at run time); the smallest one when
-    none fits. ``tests/test_triton_aot.py`` compiles what this returns for sm_80 and sm_90.
+    Keeps the tile space of the precision (FMA for "ieee", tensor cores otherwise) and takes the
+    first (largest) tile whose register estimate is within budget and whose shared memory fits the
+    target (so no config is found out by an OutOfResources at run time), with the first launch
+    option of :data:`_LAUNCH_OPTIONS` that the AOT spill table (:data:`SPILLS`) does not list for
+    this launch; the smallest tile when none fits. Returns a one-element list.
+    ``tests/test_triton_aot.py`` compiles what this returns for sm_80 and sm_90.
     """
     fma = meta["INPUT_PRECISION"] in _FMA
     space = _FMA_SPACE if fma else _MMA_SPACE
     limit = SHARED_LIMIT.get(arch, min(SHARED_LIMIT.values()))
     budget = _FMA_BUDGET if fma else _MMA_BUDGET
     live = _live_tiles(kernel, meta)
+    by_tile = {}
+    for c in configs:
+        by_tile.setdefault((c.kwargs["BLOCK_H"], c.kwargs["BLOCK_D"]), {})[c.num_warps, c.num_stages] = c
+    tiles = [t for t in space if t in by_tile]
 
-    def key(c):
-        return c.kwargs["BLOCK_H"], c.kwargs["BLOCK_D"], c.num_warps, c.num_stages
+    def options(tile):
+        """The tile's configs in preference order, without those the spill table lists."""
+        ordered = [by_tile[tile][o] for o in _LAUNCH_OPTIONS if o in by_tile[tile]]
+        clean = [c for c in ordered if spill_key(kernel, arch, {**meta, **c.kwargs}, c.num_warps, c.num_stages)
+                 not in SPILLS]
+        return clean or ordered[:1]
 
-    ordered = sorted((c for c in configs if key(c) in space), key=lambda c: space.index(key(c)))
-    for cfg in ordered:
-        regs, shared = _estimate(cfg, meta["BLOCK_M"], live, fma)
-        if regs <= budget and shared <= limit:
-            return [cfg]
-    return ordered[-1:]
+    for tile in tiles:
+        first = by_tile[tile].get(_LAUNCH_OPTIONS[0]) or next(iter(by_tile[tile].values()))
+        regs, _ = _estimate(first, meta["BLOCK_M"], live, fma)
+        if regs > budget:
+            continue
+        fitting = [c for c in options(tile) if _estimate(c, meta["BLOCK_M"], live, fma)[1] <= limit]
+        if fitting:
+            return fitting[:1]
+    return options(tiles[-1])[:1] if tiles else []
 
 
 def _prune_for(kernel: str) -> dict:
