@@ -24,11 +24,13 @@ import statistics
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
+from typing import Optional
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, ROOT)
 
+import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from _harness import cpu_model, git_sha  # noqa: E402
@@ -96,7 +98,12 @@ def main(argv=None) -> int:
     parser.add_argument("--jobs", type=int, default=2, help="runs at a time (each gets cores // jobs threads)")
     parser.add_argument("--runs", default=None, help="directory for the run directories")
     parser.add_argument("--results", default=os.path.join(HERE, "results"))
+    parser.add_argument("--summarize", metavar="CSV", default=None,
+                        help="only write the Markdown summary of an existing results CSV (next to it), no training")
     args = parser.parse_args(argv)
+    if args.summarize:
+        print(summarize(args.summarize, os.path.splitext(args.summarize)[0] + ".md"))
+        return 0
     if args.jobs < 1:
         parser.error(f"--jobs: expected >= 1, got {args.jobs}")
 
@@ -116,7 +123,8 @@ def main(argv=None) -> int:
             rows = [f.result() for f in futures]
     wall_s = time.perf_counter() - start
     rows.sort(key=lambda r: (args.models.index(r["model"]), r["seed"]))
-    provenance = {"machine": f"{cpu_model()}, {cores} cores", "torch": torch.__version__, "git": git_sha()}
+    provenance = {"machine": f"{cpu_model()}, {cores} cores", "torch": torch.__version__, "git": git_sha(),
+                  "jobs": args.jobs, "bench_wall_s": round(wall_s, 1)}
     rows = [{**row, **provenance} for row in rows]
 
     os.makedirs(args.results, exist_ok=True)
@@ -125,65 +133,171 @@ def main(argv=None) -> int:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
-    with open(base + ".md", "w") as f:
-        f.write(markdown(rows, args, wall_s))
-    print(open(base + ".md").read())
+    print(summarize(base + ".csv", base + ".md"))
     return 0
 
 
+#: Bootstrap resamples for the 95% intervals, and the generator seed (the intervals are reproducible).
+_BOOT, _BOOT_SEED = 10000, 0
+#: (column, label, lower is better) of the metrics the tables report.
+METRICS = (("nelbo_per_sequence", "-ELBO / sequence (nats)", True), ("nll_x0_iw", "-IW log p(x0)", True),
+           ("equivariance_error", "equivariance L1", True), ("identification_accuracy", "identification acc.", False),
+           ("identification_f1", "F1 (combinations)", False))
+
+
+def bootstrap_interval(values, level: float = 0.95) -> tuple:
+    """Percentile bootstrap interval of the mean of ``values`` (one per seed): resample the seeds with
+    replacement :data:`_BOOT` times. With 5 seeds it is a rough interval (it cannot be wider than the
+    values' range), so the tables also give every seed's value."""
+    v = np.asarray(values, dtype=float)
+    rng = np.random.default_rng(_BOOT_SEED)
+    means = v[rng.integers(0, len(v), size=(_BOOT, len(v)))].mean(axis=1)
+    return float(np.quantile(means, (1 - level) / 2)), float(np.quantile(means, (1 + level) / 2))
+
+
+def _number(value) -> Optional[float]:
+    """A CSV cell or a row value as a float; None for a metric that does not apply."""
+    return None if value in (None, "") else float(value)
+
+
+def _digits(values) -> int:
+    return 4 if max(abs(v) for v in values) < 10 else 1
+
+
 def _summary(values: list) -> str:
-    """``mean ± sd`` over seeds (``mean`` for one seed); "n/a" where the metric does not apply."""
-    values = [v for v in values if v is not None]
+    """``mean ± sd [lo, hi]`` over seeds (95% bootstrap interval); "n/a" where the metric does not apply."""
+    values = [v for v in map(_number, values) if v is not None]
     if not values:
         return "n/a"
-    digits = 4 if max(abs(v) for v in values) < 10 else 1
+    d = _digits(values)
     if len(values) == 1:
-        return f"{values[0]:.{digits}f}"
-    return f"{statistics.mean(values):.{digits}f} ± {statistics.stdev(values):.{digits}f}"
+        return f"{values[0]:.{d}f}"
+    lo, hi = bootstrap_interval(values)
+    return f"{statistics.mean(values):.{d}f} ± {statistics.stdev(values):.{d}f} [{lo:.{d}f}, {hi:.{d}f}]"
 
 
-def markdown(rows: list, args, wall_s: float) -> str:
-    """The summary table (mean ± sd over seeds), every seed's equivariance error, and the verdict."""
+#: Two-sided 95% quantiles of Student's t by degrees of freedom (1.96 beyond 30): the paired t
+#: interval is the conservative companion of the bootstrap one at 3-5 seeds.
+_T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228,
+         12: 2.179, 15: 2.131, 20: 2.086, 30: 2.042}
+
+
+def t_interval(values) -> tuple:
+    """Student-t 95% interval of the mean of ``values`` (at least 2)."""
+    n = len(values)
+    q = _T975.get(n - 1) or next((_T975[k] for k in sorted(_T975) if k >= n - 1), 1.96)
+    half = q * statistics.stdev(values) / n ** 0.5
+    m = statistics.mean(values)
+    return m - half, m + half
+
+
+def paired(rows: list, metric: str, model: str, other: str) -> Optional[dict]:
+    """Per-seed comparison of ``model`` with ``other`` on ``metric``, over the seeds both have:
+    the differences model - other, their mean, and 95% intervals of the mean difference (bootstrap
+    and Student t; one seed: none)."""
+    by = {(r["model"], int(r["seed"])): _number(r[metric]) for r in rows}
+    seeds = sorted(s for (m, s) in by if m == model and by[m, s] is not None and by.get((other, s)) is not None)
+    if not seeds:
+        return None
+    diff = [by[model, s] - by[other, s] for s in seeds]
+    out = {"seeds": seeds, "diff": diff, "mean": statistics.mean(diff)}
+    if len(diff) > 1:
+        out["boot"], out["t"] = bootstrap_interval(diff), t_interval(diff)
+    return out
+
+
+def verdict(rows: list, metric: str, label: str, lower_is_better: bool, model: str, other: str) -> str:
+    """One line that says only what the per-seed values and the intervals support: a difference is
+    called supported when both paired intervals (bootstrap and t) exclude 0."""
+    p = paired(rows, metric, model, other)
+    if p is None:
+        return ""
+    n, d = len(p["seeds"]), _digits(p["diff"] + [1e-9])
+    better = sum((x < 0) == lower_is_better and x != 0 for x in p["diff"])
+    side = "lower" if p["mean"] < 0 else "higher"
+    text = (f"{label}, {model} vs {other}: {model} {side} by {abs(p['mean']):.{d}f} on average "
+            f"({model} - {other} per seed: {', '.join(f'{x:+.{d}f}' for x in p['diff'])}); better on {better} of {n} seed(s)")
+    if n < 2:
+        return text + "; one seed, no interval."
+    (b_lo, b_hi), (t_lo, t_hi) = p["boot"], p["t"]
+    text += f"; paired 95% intervals: bootstrap [{b_lo:+.{d}f}, {b_hi:+.{d}f}], t [{t_lo:+.{d}f}, {t_hi:+.{d}f}]"
+    vals = {m: [_number(r[metric]) for r in rows if r["model"] == m and int(r["seed"]) in p["seeds"]] for m in (model, other)}
+    (m_lo, m_hi), (o_lo, o_hi) = bootstrap_interval(vals[model]), bootstrap_interval(vals[other])
+    apart = " (the models' bootstrap intervals do not overlap)" if (m_hi < o_lo or o_hi < m_lo) else ""
+    if b_hi < 0 or b_lo > 0:
+        if t_hi < 0 or t_lo > 0:
+            return text + f". **Supported**: both intervals exclude 0{apart}."
+        return text + f". Not supported: the t interval includes 0{apart}."
+    return text + ". Not supported: the intervals include 0."
+
+
+def markdown(rows: list, models: list, command: str, wall: str) -> str:
+    """Mean ± sd [95% bootstrap interval] per model and metric, every seed's equivariance error and
+    identification accuracy, and the paired comparisons of sta with each baseline."""
     r0 = rows[0]
-    models = [m for m in args.models if any(r["model"] == m for r in rows)]
-    seeds = sorted({r["seed"] for r in rows})
-    by = {(r["model"], r["seed"]): r for r in rows}
-    command = (f"python benchmarks/bench_models.py --dataset {args.dataset} --preset {args.preset}"
-               f" --seeds {' '.join(map(str, seeds))} --jobs {args.jobs}"
-               + (f" --steps {args.steps}" if args.steps else ""))
+    models = [m for m in models if any(r["model"] == m for r in rows)]
+    seeds = sorted({int(r["seed"]) for r in rows})
+    by = {(r["model"], int(r["seed"])): r for r in rows}
+    threads = sorted({str(r["threads"]) for r in rows})
     lines = [
-        f"Models on `{args.dataset}`, preset `{args.preset}` ({r0['steps']} steps), seeds {seeds}, "
-        f"{r0['test_sequences']} test sequences. Machine: {r0['machine']}, {args.jobs} runs at a time with "
-        f"{r0['threads']} torch thread(s) each; torch {r0['torch']}; git {r0['git']}; wall time "
-        f"{wall_s / 60:.0f} min.",
+        f"Models on `{r0['dataset']}`, preset `{r0['preset']}` ({r0['steps']} steps), seeds {seeds}, "
+        f"{r0['test_sequences']} test sequences. Machine: {r0['machine']}, {'/'.join(threads)} torch thread(s) per "
+        f"run; torch {r0['torch']}; git {r0['git']}; {wall}.",
         f"Command: `{command}`",
         "",
-        f"Mean ± sd over {len(seeds)} seed(s):",
+        f"Mean ± sd [95% bootstrap interval of the mean, {_BOOT} resamples of the seeds] over {len(seeds)} seed(s):",
         "",
-        "| model | -ELBO / sequence (nats) | -IW log p(x0) | equivariance L1 | "
-        f"identification acc. (chance {r0['identification_chance']:.2f}) | F1 (combinations) | train time (s) |",
-        "|---|---:|---:|---:|---:|---:|---:|",
+        "| model | " + " | ".join(label + (f" (chance {float(r0['identification_chance']):.2f})"
+                                            if key == "identification_accuracy" else "")
+                                   for key, label, _ in METRICS) + " | train time (s) |",
+        "|---|" + "---:|" * (len(METRICS) + 1),
     ]
     for m in models:
         col = lambda key: [by[m, s][key] for s in seeds if (m, s) in by]  # noqa: E731
-        lines.append(f"| {m} | {_summary(col('nelbo_per_sequence'))} | {_summary(col('nll_x0_iw'))} | "
-                     f"{_summary(col('equivariance_error'))} | {_summary(col('identification_accuracy'))} | "
-                     f"{_summary(col('identification_f1'))} | {_summary(col('train_s'))} |")
-    lines += ["", "Equivariance L1 per seed (lower is better):", "",
-              "| model | " + " | ".join(f"seed {s}" for s in seeds) + " |",
-              "|---|" + "---:|" * len(seeds)]
-    for m in models:
-        lines.append(f"| {m} | " + " | ".join(
-            f"{by[m, s]['equivariance_error']:.4f}" if (m, s) in by else "n/a" for s in seeds) + " |")
-    if "sta" in models:
-        lines.append("")
-        for other in models:
-            if other == "sta":
+        lines.append(f"| {m} | " + " | ".join(_summary(col(key)) for key, _, _ in METRICS)
+                     + f" | {_summary(col('train_s')).split(' [')[0]} |")
+    for key, label in (("equivariance_error", "Equivariance L1 per seed (lower is better)"),
+                       ("identification_accuracy", "Identification accuracy per seed")):
+        lines += ["", label + ":", "", "| model | " + " | ".join(f"seed {s}" for s in seeds) + " |",
+                  "|---|" + "---:|" * len(seeds)]
+        for m in models:
+            cells = [_number(by[m, s][key]) if (m, s) in by else None for s in seeds]
+            if all(c is None for c in cells):
                 continue
-            wins = [s for s in seeds if (other, s) in by and (("sta", s) in by)
-                    and by["sta", s]["equivariance_error"] < by[other, s]["equivariance_error"]]
-            lines.append(f"sta has a lower equivariance error than {other} on {len(wins)} of {len(seeds)} seed(s).")
+            lines.append(f"| {m} | " + " | ".join("n/a" if c is None else f"{c:.4f}" for c in cells) + " |")
+    if "sta" in models:
+        lines += ["", "Paired per-seed comparisons (sta - baseline; the verdict states only what the intervals support):", ""]
+        for key, label, lower in METRICS[2:4]:
+            for other in models:
+                if other != "sta":
+                    text = verdict(rows, key, label, lower, "sta", other)
+                    if text:
+                        lines.append("- " + text)
     return "\n".join(lines) + "\n"
+
+
+def summarize(csv_path: str, out_md: str) -> str:
+    """Write the Markdown summary of an existing results CSV (no training); returns it."""
+    with open(csv_path) as f:
+        rows = list(csv.DictReader(f))
+    if not rows:
+        raise SystemExit(f"--summarize: {csv_path} has no rows")
+    models = list(dict.fromkeys([m for m in MODELS if any(r["model"] == m for r in rows)]
+                                + [r["model"] for r in rows]))
+    seeds = sorted({int(r["seed"]) for r in rows})
+    r0 = rows[0]
+    cmd = (f"python benchmarks/bench_models.py --dataset {r0['dataset']} --preset {r0['preset']} "
+           f"--models {' '.join(models)} --seeds {' '.join(map(str, seeds))}"
+           + (f" --jobs {r0['jobs']}" if r0.get("jobs") else ""))
+    if "bench_wall_s" in r0 and r0["bench_wall_s"]:
+        wall = f"wall time {float(r0['bench_wall_s']) / 60:.0f} min"
+    else:
+        total = sum(float(r["train_s"]) + float(r["eval_s"]) for r in rows)
+        wall = f"{total / 60:.0f} min of train + eval time over {len(rows)} runs"
+    text = markdown(rows, models, cmd, wall)
+    with open(out_md, "w") as f:
+        f.write(text)
+    return text
 
 
 if __name__ == "__main__":

@@ -28,11 +28,58 @@ def test_bench_models_writes_a_row_per_model_and_seed(tmp_path, jobs):
     md = (tmp_path / "results" / "models_digits.md").read_text()
     for m in ("sta", "static", "linear"):
         assert f"| {m} | " in md
-    assert " ± " in md  # two seeds: mean ± sd
+    assert " ± " in md and " [" in md  # two seeds: mean ± sd [bootstrap interval]
     sta = {r["seed"]: float(r["equivariance_error"]) for r in rows if r["model"] == "sta"}
     lin = {r["seed"]: float(r["equivariance_error"]) for r in rows if r["model"] == "linear"}
     wins = sum(sta[s] < lin[s] for s in sta)
-    assert f"sta has a lower equivariance error than linear on {wins} of 2 seed(s)." in md
+    assert "equivariance L1, sta vs linear: " in md and f"better on {wins} of 2 seed(s); paired 95% intervals" in md
+
+
+def _rows(sta, other, metric="equivariance_error"):
+    """Result rows of two models over len(sta) seeds (what the CSV holds, as strings)."""
+    base = dict(dataset="digits", preset="quick", steps="10", test_sequences="4", machine="m", torch="t", git="g",
+                threads="1", identification_chance="0.33", train_s="1", eval_s="1", nelbo_per_sequence="1",
+                nll_x0_iw="1", equivariance_error="0.1", identification_accuracy="", identification_f1="")
+    return ([dict(base, model="sta", seed=str(i), **{metric: str(v)}) for i, v in enumerate(sta)]
+            + [dict(base, model="linear", seed=str(i), **{metric: str(v)}) for i, v in enumerate(other)])
+
+
+def test_verdict_needs_both_paired_intervals_to_exclude_zero():
+    sys.path.insert(0, os.path.join(REPO, "benchmarks"))
+    import bench_models as bm
+
+    lo, hi = bm.bootstrap_interval([1.0, 2.0, 3.0, 4.0, 5.0])
+    assert 1.0 < lo < 3.0 < hi < 5.0
+    t_lo, t_hi = bm.t_interval([1.0, 2.0, 3.0, 4.0, 5.0])  # mean 3, sd 1.581, t(4) = 2.776
+    assert abs(t_hi - 3.0 - 2.776 * 1.5811 / 5 ** 0.5) < 1e-3 and abs(t_lo + t_hi - 6.0) < 1e-12
+    clear = bm.verdict(_rows([0.050, 0.051, 0.049, 0.052, 0.050], [0.060, 0.062, 0.059, 0.061, 0.060]),
+                       "equivariance_error", "equivariance L1", True, "sta", "linear")
+    assert "**Supported**" in clear and "better on 5 of 5" in clear and "do not overlap" in clear
+    # lower on every seed, but one seed carries the mean: the bootstrap excludes 0, the t interval does not
+    skewed = bm.verdict(_rows([0.0616, 0.0614, 0.0525], [0.0625, 0.0632, 0.0714]),
+                        "equivariance_error", "equivariance L1", True, "sta", "linear")
+    assert "Not supported: the t interval includes 0" in skewed and "better on 3 of 3" in skewed
+    mixed = bm.verdict(_rows([0.05, 0.07, 0.05, 0.07], [0.06, 0.06, 0.06, 0.06]),
+                       "equivariance_error", "equivariance L1", True, "sta", "linear")
+    assert "Not supported: the intervals include 0" in mixed and "better on 2 of 4" in mixed
+    higher = bm.verdict(_rows([0.9, 0.95, 0.92], [0.6, 0.65, 0.62], "identification_accuracy"),
+                        "identification_accuracy", "identification acc.", False, "sta", "linear")
+    assert "sta higher by 0.3000" in higher and "**Supported**" in higher
+
+
+def test_summarize_rewrites_the_markdown_from_a_csv(tmp_path):
+    rows = _rows([0.050, 0.051, 0.049], [0.060, 0.062, 0.059])
+    path = tmp_path / "models_digits.csv"
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    proc = subprocess.run([sys.executable, os.path.join(REPO, "benchmarks", "bench_models.py"), "--summarize", str(path)],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    md = (tmp_path / "models_digits.md").read_text()
+    assert "seeds [0, 1, 2]" in md and "| sta | " in md and "equivariance L1, sta vs linear" in md
+    assert "| linear | 0.0600 | 0.0620 | 0.0590 |" in md
 
 
 def test_bench_models_rejects_bad_jobs(tmp_path):
