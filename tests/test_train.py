@@ -1,4 +1,4 @@
-"""Training (sta/train.py, sta/distributed.py): the same loss curve on every backend, exact resume
+"""Training (sta/train/, sta/distributed.py): the same loss curve on every backend, exact resume
 after SIGKILL, atomic checkpoints, and data-parallel training over two gloo processes.
 
 Every run uses the ``tiny`` preset (D=6, H=8, 16x16 digits, T=3, batch 8): ~30 ms a step on one
@@ -195,24 +195,24 @@ def test_resume_in_process_continues_exactly(tmp_path):
     """A 20-step run that dies right after its step-10 checkpoint, resumed in the same process,
     equals the uninterrupted 20-step run (the schedules depend on ``steps``, so both use 20)."""
     full = train(tiny(steps=20), str(tmp_path / "full"), progress=False)
-    import sta.train as train_module
+    import sta.train.loop as train_loop  # the loop calls save_atomic from its own namespace
 
     class Crash(Exception):
         pass
 
-    original = train_module.save_atomic
+    original = train_loop.save_atomic
 
     def crash_after_save(obj, path):
         original(obj, path)
         if obj["step"] == 10:
             raise Crash  # dies right after the step-10 checkpoint is on disk
 
-    train_module.save_atomic = crash_after_save
+    train_loop.save_atomic = crash_after_save
     try:
         with pytest.raises(Crash):
             train(tiny(steps=20), str(tmp_path / "run"), progress=False)
     finally:
-        train_module.save_atomic = original
+        train_loop.save_atomic = original
     assert torch.load(checkpoint_path(str(tmp_path / "run")), weights_only=False)["step"] == 10
     resumed = train(tiny(steps=20), str(tmp_path / "run"), resume=True, progress=False)
     for name, value in full.state_dict().items():
@@ -222,8 +222,6 @@ def test_resume_in_process_continues_exactly(tmp_path):
 def test_partial_checkpoint_never_replaces_a_good_one(tmp_path, monkeypatch):
     """A writer that dies mid-write (here: torch.save raises after half the bytes) leaves the
     previous checkpoint intact and loadable, and removes its temp file."""
-    import sta.train as train_module
-
     path = str(tmp_path / "last.pt")
     good = {"model": {"w": torch.arange(1000.0)}, "step": 10}
     save_atomic(good, path)
@@ -237,10 +235,10 @@ def test_partial_checkpoint_never_replaces_a_good_one(tmp_path, monkeypatch):
         f.write(buffer.getvalue()[: len(buffer.getvalue()) // 2])
         raise OSError("disk full")
 
-    monkeypatch.setattr(train_module.torch, "save", dying_save)
+    monkeypatch.setattr(torch, "save", dying_save)
     with pytest.raises(OSError, match="disk full"):
         save_atomic({"model": {"w": torch.zeros(1000)}, "step": 20}, path)
-    monkeypatch.setattr(train_module.torch, "save", real_save)
+    monkeypatch.setattr(torch, "save", real_save)
     loaded = torch.load(path, weights_only=False)
     assert loaded["step"] == 10 and torch.equal(loaded["model"]["w"], good["model"]["w"])
     assert os.listdir(tmp_path) == ["last.pt"], f"temp files left behind: {os.listdir(tmp_path)}"
@@ -291,9 +289,9 @@ def test_kl_warmup_is_logged_and_reaches_one(tmp_path):
 def poison_batches(monkeypatch, bad_steps):
     """The training batches of the 0-based loop steps ``bad_steps`` become one NaN sequence (an extra
     training sequence that no other step draws), so their loss is NaN from the first ELBO term."""
-    import sta.train as train_module
+    import sta.train.loop as train_loop  # the loop calls both from its own namespace
 
-    real_load, real_indices = train_module.load_data, train_module.batch_indices
+    real_load, real_indices = train_loop.load_data, train_loop.batch_indices
 
     def load_data(config, split="train", **kwargs):
         x, ds = real_load(config, split, **kwargs)
@@ -303,8 +301,8 @@ def poison_batches(monkeypatch, bad_steps):
         idx = real_indices(step, n - 1, *args, **kwargs)
         return torch.full_like(idx, n - 1) if step in bad_steps else idx
 
-    monkeypatch.setattr(train_module, "load_data", load_data)
-    monkeypatch.setattr(train_module, "batch_indices", indices)
+    monkeypatch.setattr(train_loop, "load_data", load_data)
+    monkeypatch.setattr(train_loop, "batch_indices", indices)
 
 
 def test_a_nonfinite_step_is_skipped_and_logged_as_null(tmp_path, monkeypatch):
