@@ -11,7 +11,7 @@ arguments instead of launching), over every field kind, curl on/off, the three r
 the routing can pick, and every input dtype with its ``tl.dot`` precision (float32 "ieee" and
 "tf32", bfloat16, float16; float32/float64 for grid transport); signatures come from the recorded
 arguments (tensor dtype -> pointer type). Each launch is compiled for sm_80 and sm_90 with every
-autotune config that :func:`sta.kernels.flow_step.keep_configs` keeps for that target, through
+autotune config that :func:`sta.kernels.configs.keep_configs` keeps for that target, through
 the whole pipeline (ttir .. ptx, then the ptxas bundled with triton); registers and spills come
 from the ptxas log, shared memory from the kernel metadata.
 
@@ -41,21 +41,23 @@ if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):  # pragma: no cover
 
 import triton  # noqa: E402
 
+from . import configs  # noqa: E402
 from . import flow_step as fs  # noqa: E402
+from . import flow_step_kernels  # noqa: E402
 from . import grid_transport as gt  # noqa: E402
 from .launch import recording  # noqa: E402
 
 __all__ = ["TARGETS", "SHARED_LIMIT", "Job", "jobs", "run", "main"]
 
-#: compute capability -> the most shared memory one block may use (bytes, opt-in maximum)
-SHARED_LIMIT = {80: 166912, 90: 232448}
-TARGETS = tuple(SHARED_LIMIT)
+#: the targets compiled for, and the most shared memory one block may use on each (bytes)
+TARGETS = (80, 90)
+SHARED_LIMIT = {arch: configs.SHARED_LIMIT[arch] for arch in TARGETS}
 
 _SIG = {torch.float32: "fp32", torch.float64: "fp64", torch.bfloat16: "bf16", torch.float16: "fp16",
         torch.int64: "i64", torch.int32: "i32", torch.bool: "i1"}
 
-#: input dtype -> the tl.dot precision the backend uses for it (fp32: both settings)
-PRECISIONS = {torch.float32: ("ieee", "tf32"), torch.bfloat16: ("bf16",), torch.float16: ("fp16",)}
+#: input dtype -> the tl.dot precisions the backend uses for it (fp32: both matmul settings)
+PRECISIONS_BY_DTYPE = {torch.float32: ("ieee", "tf32"), torch.bfloat16: ("bf16",), torch.float16: ("fp16",)}
 
 
 class Job(NamedTuple):
@@ -90,28 +92,30 @@ def _flow_step_launches():
     """(label, Launch) of every flow-step kernel launch the launchers can make."""
     out = []
     D, H, K = 5, 7, 1
-    for dtype, precisions in PRECISIONS.items():
+    for dtype, precisions in PRECISIONS_BY_DTYPE.items():
         for precision in precisions:
             for block_m in (16, 32, 64):  # the three sizes block_m_for can pick
                 # one field with exactly block_m active rows: the routing picks BLOCK_M = block_m
                 z = torch.randn(block_m, D, dtype=dtype)
                 g = torch.ones(block_m, K, dtype=dtype)
-                assert fs.block_m_for(block_m) == block_m
-                P = dict(w=torch.randn(K, H, D, dtype=dtype), c=torch.randn(K, H, dtype=dtype))
+                assert configs.block_m_for(block_m) == block_m
+                params = dict(W=torch.randn(K, H, D, dtype=dtype), c=torch.randn(K, H, dtype=dtype))
+                c, M = params["c"], torch.randn(K, D, H, dtype=dtype)
                 kinds = [
-                    ("potential", fs.POTENTIAL, False, dict(a=P["c"], de=P["c"])),
-                    ("hamiltonian", fs.HAMILTONIAN, False, dict(a=P["c"], w_out=torch.randn(K, D, H, dtype=dtype))),
-                    ("hamiltonian+curl", fs.HAMILTONIAN, True, dict(a=P["c"], w_out=torch.randn(K, D, H, dtype=dtype),
-                                                                   mat=torch.randn(K, H, H, dtype=dtype))),
-                    ("mlp", fs.MLP, False, dict(w_out=torch.randn(K, D, H, dtype=dtype), b_out=torch.randn(K, D, dtype=dtype),
-                                                mat=torch.randn(K, D, H, dtype=dtype))),
+                    ("potential", fs.POTENTIAL, False, dict(a=c, de=c)),
+                    ("hamiltonian", fs.HAMILTONIAN, False, dict(a=c, W_out=M)),
+                    ("hamiltonian+curl", fs.HAMILTONIAN, True,
+                     dict(a=c, W_out=M, mat=torch.randn(K, H, H, dtype=dtype))),
+                    ("mlp", fs.MLP, False, dict(W_out=torch.randn(K, D, H, dtype=dtype),
+                                                b2=torch.randn(K, D, dtype=dtype),
+                                                mat=torch.randn(K, D, H, dtype=dtype))),  # mat: C above, Pdiv here
                 ]
                 for name, kind, curl, extra in kinds:
                     label = f"{name} {str(dtype)[6:]} {precision} BLOCK_M={block_m}"
-                    kw = dict(P, **extra, want_curl=curl, precision=precision)
+                    kw = dict(params, **extra, want_curl=curl, precision=precision)
+                    grads = [torch.ones(block_m, D), torch.ones(block_m), torch.ones(block_m, K), torch.ones(block_m, K)]
                     with recording() as launches:
                         fs.flow_step_fwd(z, g, kind, **kw)
-                        grads = [torch.ones(block_m, D), torch.ones(block_m), torch.ones(block_m, K), torch.ones(block_m, K)]
                         fs.flow_step_bwd(*grads, z, g, kind, **kw)
                     out += [(label, launch) for launch in launches]
     return out
@@ -143,10 +147,10 @@ def jobs(targets=TARGETS) -> list[Job]:
         meta = dict(launch.meta)
         for arch in targets:
             if autotuned:
-                configs = fs.keep_configs(kernel.configs, arch, meta, fn.__name__)
+                kept = configs.keep_configs(kernel.configs, arch, meta, fn.__name__)
             else:  # the launch options the JIT uses when the launcher passes none
-                configs = [triton.Config({}, num_warps=meta.pop("num_warps", 4), num_stages=meta.pop("num_stages", 3))]
-            for cfg in configs:
+                kept = [triton.Config({}, num_warps=meta.pop("num_warps", 4), num_stages=meta.pop("num_stages", 3))]
+            for cfg in kept:
                 consts = {**meta, **cfg.kwargs}
                 sig, values = [], iter(launch.args)
                 for p in fn.params:
@@ -278,9 +282,9 @@ def table(job_list, results) -> str:
 
 
 def update_spills(job_list, results, path=None) -> int:
-    """Add the spilling flow-step compiles to the spill table that :func:`~sta.kernels.flow_step.keep_configs`
+    """Add the spilling flow-step compiles to the spill table that :func:`~sta.kernels.configs.keep_configs`
     reads (and reload it); returns how many were new. The table keeps ptxas's figures for the record."""
-    path = path or fs.SPILLS_PATH
+    path = path or configs.SPILLS_PATH
     try:
         with open(path) as f:
             table_ = json.load(f)
@@ -288,17 +292,17 @@ def update_spills(job_list, results, path=None) -> int:
         table_ = {"about": "Flow-step compiles that spill registers (ptxas, through triton's AOT compile); "
                            "keep_configs skips them. Written by python -m sta.kernels.aot --update-spills.",
                   "spills": []}
-    known = fs.load_spills(path)
+    known = configs.load_spills(path)
     new = []
     for job, res in zip(job_list, results):
-        if not verdict(job, res).startswith("spills") or job.module != fs.__name__:
+        if not verdict(job, res).startswith("spills") or job.module != flow_step_kernels.__name__:
             continue
         consts = dict(job.constexprs)
-        key = fs.spill_key(job.name, job.arch, consts, job.num_warps, job.num_stages)
+        key = configs.spill_key(job.name, job.arch, consts, job.num_warps, job.num_stages)
         if key in known:
             continue
         known.add(key)
-        new.append(dict({"kernel": job.name, "arch": job.arch}, **{k: consts.get(k) for k in fs._SPILL_META},
+        new.append(dict({"kernel": job.name, "arch": job.arch}, **{k: consts.get(k) for k in configs.SPILL_META},
                         BLOCK_H=consts["BLOCK_H"], BLOCK_D=consts["BLOCK_D"], num_warps=job.num_warps,
                         num_stages=job.num_stages, regs=res["regs"], spill_stores=res["spill_stores"],
                         spill_loads=res["spill_loads"], stack=res["stack"]))
@@ -308,7 +312,7 @@ def update_spills(job_list, results, path=None) -> int:
             json.dump(table_, f, indent=1)
             f.write("\n")
         os.replace(path + ".tmp", path)
-        fs.SPILLS = fs.load_spills(path)
+        configs.SPILLS = configs.load_spills(path)  # what keep_configs reads
     return len(new)
 
 

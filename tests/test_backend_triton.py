@@ -18,7 +18,9 @@ from tests.tolerances import assert_close
 
 triton = pytest.importorskip("triton", reason="the triton backend needs triton installed")
 from sta.kernels import backend as triton_backend  # noqa: E402
+from sta.kernels import configs as kernel_configs  # noqa: E402
 from sta.kernels import flow_step as fs  # noqa: E402
+from sta.kernels import routing  # noqa: E402
 
 pytestmark = pytest.mark.skipif(
     triton_backend.IMPORT_ERROR is not None, reason=f"triton unusable: {triton_backend.IMPORT_ERROR}")
@@ -199,7 +201,7 @@ def test_parameter_gradients_are_deterministic():
 
 def test_route_pads_index_lists_not_data():
     g = torch.tensor([[1.0, 0.0, 0.0], [0.0, 0.0, 2.0], [3.0, 0.0, 4.0]])
-    r = fs.route(g, block_m=16)
+    r = routing.route(g, block_m=16)
     assert r.num_blocks == 2 and r.rows.shape == (32,)  # field 1 has no active row: no block
     assert r.block_field.tolist() == [0, 2] and r.block_ptr.tolist() == [0, 1, 1, 2]
     assert r.rows[:2].tolist() == [0, 2] and (r.rows[2:16] == -1).all()
@@ -210,15 +212,16 @@ def _op_args(kind, B=5, D=3, H=4, K=2):
     z = torch.randn(B, D, requires_grad=True)
     g = (torch.rand(B, K) * (torch.rand(B, K) < 0.7)).requires_grad_()
 
-    def P(*shape):
+    def param(*shape):
         return (0.5 * torch.randn(*shape)).requires_grad_()
 
-    w, c = P(K, H, D), P(K, H)
+    # the op's inputs: z, g, W, c, a, de, W_out (M / W2), b2, mat (C / Pdiv), kind, want_curl, precision
+    W, c = param(K, H, D), param(K, H)
     if kind == fs.POTENTIAL:
-        return (z, g, w, c, P(K, H), P(K, H), None, None, None, kind, False, "ieee")
+        return (z, g, W, c, param(K, H), param(K, H), None, None, None, kind, False, "ieee")
     if kind == fs.HAMILTONIAN:
-        return (z, g, w, c, P(K, H), None, P(K, D, H), None, P(K, H, H), kind, True, "ieee")
-    return (z, g, w, c, None, None, P(K, D, H), P(K, D), P(K, D, H), kind, False, "ieee")
+        return (z, g, W, c, param(K, H), None, param(K, D, H), None, param(K, H, H), kind, True, "ieee")
+    return (z, g, W, c, None, None, param(K, D, H), param(K, D), param(K, D, H), kind, False, "ieee")
 
 
 @pytest.mark.parametrize("kind", [fs.POTENTIAL, fs.HAMILTONIAN, fs.MLP])
@@ -342,7 +345,7 @@ VARIANTS = [dict(KIND=fs.POTENTIAL, WANT_CURL=False), dict(KIND=fs.HAMILTONIAN, 
 
 def _kept(arch, kernel, precision, block_m, variant):
     meta = dict(variant, INPUT_PRECISION=precision, BLOCK_M=block_m)
-    return fs.keep_configs(fs.gpu_configs(), arch, meta, kernel)
+    return kernel_configs.keep_configs(kernel_configs.gpu_configs(), arch, meta, kernel)
 
 
 def _kept_tiles():
@@ -370,7 +373,7 @@ def test_every_kept_config_parity(tile, monkeypatch):
     row blocks per field, forward and backward; potential fields in every case, hamiltonian (with
     curl) and mlp fields in alternate cases (the interpreter is slow)."""
     bh, bd, block_m = tile
-    monkeypatch.setattr(fs, "block_m_for", lambda rows: block_m)
+    monkeypatch.setattr(routing, "block_m_for", lambda rows: block_m)  # what route calls
     B = block_m + 3  # the first field spans two row blocks
     rotational = "mlp" if sorted(KEPT).index(tile) % 2 else "hamiltonian"
     bank = _bank(D=5, H=19, Kp=2, Kr=2, rotational=rotational)
@@ -400,10 +403,10 @@ def test_pruning_sizes_tiles_by_live_tiles():
                     for variant in VARIANTS:
                         meta = dict(variant, INPUT_PRECISION=precision, BLOCK_M=block_m)
                         (cfg,) = _kept(arch, kernel, precision, block_m, variant)
-                        first = fs.spill_key(kernel, arch, {**meta, **cfg.kwargs}, 4, 1)
-                        assert (cfg.num_warps, cfg.num_stages) == (4, 1) or first in fs.SPILLS, (kernel, arch, meta)
-                        assert fs.spill_key(kernel, arch, {**meta, **cfg.kwargs}, cfg.num_warps,
-                                            cfg.num_stages) not in fs.SPILLS
+                        first = kernel_configs.spill_key(kernel, arch, {**meta, **cfg.kwargs}, 4, 1)
+                        assert (cfg.num_warps, cfg.num_stages) == (4, 1) or first in kernel_configs.SPILLS, (kernel, arch, meta)
+                        assert kernel_configs.spill_key(kernel, arch, {**meta, **cfg.kwargs}, cfg.num_warps,
+                                                        cfg.num_stages) not in kernel_configs.SPILLS
 
 
 def _round_tf32(x: torch.Tensor) -> torch.Tensor:

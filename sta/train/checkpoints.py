@@ -56,7 +56,6 @@ def checkpoint_path(run_dir: str) -> str:
     return os.path.join(run_dir, "checkpoints", "last.pt")
 
 
-
 def load_checkpoint(path: str, map_location="cpu") -> dict:
     """A checkpoint written by :func:`train` (ConfigError, not a pickle traceback, if it is damaged)."""
     try:

@@ -56,7 +56,6 @@ def batch_indices(step: int, n: int, batch_size: int, seed: int, rank: int = 0, 
     return batch[rank::world]
 
 
-
 class Schedule(NamedTuple):
     """What changes over a run, at one step."""
 
@@ -104,7 +103,6 @@ def train(config: TrainConfig, out: Optional[str] = None, resume: bool = False, 
         distributed.teardown()
 
 
-
 def _first_nonfinite_term(scalars: dict) -> Optional[str]:
     """``"ELBO term recon = inf"``: the first term of :class:`~sta.model.ELBOTerms` (in its order:
     recon, kl_z0, ..., nelbo, loss) that is NaN or infinite; None when all are finite."""
@@ -125,7 +123,6 @@ def _first_nonfinite(named, what: str) -> Optional[str]:
         return None
     name, t = named[int((~finite).nonzero()[0, 0])]
     return f"{what} {name} = {t[~torch.isfinite(t)][0].item()}"
-
 
 
 def _train(config: TrainConfig, out, resume, progress, ctx, update) -> STAModel:
