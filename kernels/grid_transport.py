@@ -1,8 +1,8 @@
 """Triton kernel of one finite-volume grid transport step (sta.grid, docs/maths.md section 3).
 
 The truth is :func:`sta.grid.transport_reference`; the formulas (MUSCL states with a minmod /
-van Leer limiter, upwind flux, zero-flux or periodic boundaries) are in :mod:`sta.grid`'s module
-docstring, and this kernel mirrors the per-cell body ``sta::grid::transport_cell`` of
+van Leer limiter, upwind flux, zero-flux or periodic boundaries) are in :mod:`sta.grid.transport`'s
+module docstring, and this kernel mirrors the per-cell body ``sta::grid::transport_cell`` of
 csrc/flow_math.h line for line. One program updates BLOCK consecutive cells of the flattened grid;
 each cell reads its 5-point line along every axis and the two face velocities per axis, and writes
 its new density (no atomics: a face flux is recomputed by both of its cells, identically).

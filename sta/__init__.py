@@ -11,7 +11,7 @@ Public API::
     sta.grid_transport       one conservative finite-volume step of the density; sta.transport_for
     sta.grid_divergence      divergence / curl on the grid by central differences; sta.grid_curl
 
-``python -m sta.info`` prints versions, devices and the availability of every backend.
+``python -m sta.info`` prints versions, devices and the availability of every op x backend.
 """
 from . import nn, reference
 from .backends import BackendUnavailableError

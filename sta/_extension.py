@@ -22,13 +22,13 @@ import threading
 import time
 import warnings
 from types import ModuleType
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 
 from . import _build
 
-__all__ = ["load", "error", "status", "REBUILD_COMMAND", "cache_dir"]
+__all__ = ["load", "on_load", "error", "status", "REBUILD_COMMAND", "cache_dir"]
 
 _log = logging.getLogger("sta")
 
@@ -41,6 +41,8 @@ _module: Optional[ModuleType] = None
 _error: Optional[str] = None
 _tried = False
 _how = ""
+#: what to run once the ops are loaded (:func:`on_load`)
+_on_load: list[Callable[[], None]] = []
 
 
 def _torch_version() -> str:
@@ -147,14 +149,25 @@ def _load_once() -> bool:
             module, problem = _load_jit()
             how = f"just-in-time build in {cache_dir()}"
         if module is not None:
-            try:  # fakes (torch.compile) and autograd of the flow-step ops, shared by cpu and cuda
-                from .backend_cpu import register_python_side
-
-                register_python_side()
+            try:
+                for callback in _on_load:
+                    callback()
             except Exception as err:
                 module, problem = None, f"registering the Python side of the ops failed: {type(err).__name__}: {err}"
         _module, _error, _how, _tried = module, problem, how, True
     return True
+
+
+def on_load(callback: Callable[[], None]) -> None:
+    """Run ``callback()`` right after the extension's ops are loaded (now, if they already are).
+
+    The backends register the ops' fake kernels and autograd formulas this way
+    (:mod:`sta.backends.compiled`), so this loader imports none of them. If a callback raises
+    during the load, the extension counts as not loaded, with that error.
+    """
+    _on_load.append(callback)
+    if _module is not None:
+        callback()
 
 
 def is_built() -> bool:

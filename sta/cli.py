@@ -26,7 +26,7 @@ def _demo(args) -> int:
     import torch
 
     from . import FieldBank, flow_step
-    from .backends import all_backends, StepRequest
+    from .backends import Request, all_backends
 
     torch.manual_seed(0)
     fields = FieldBank(args.dim, args.fields, args.fields, args.hidden)
@@ -35,8 +35,7 @@ def _demo(args) -> int:
     for b in range(args.batch):  # `--active` fields on per sample, speeds ~ 1
         active[b, torch.randperm(args.fields)[: args.active]] = 1.0
     g_pot, g_rot = active * torch.rand_like(active).add(0.5), active * torch.rand_like(active).add(0.5)
-    request = StepRequest(z.device, z.dtype, args.batch, args.dim, args.hidden, args.fields, args.fields,
-                          "hamiltonian", frozenset({"z", "div"}), True)
+    request = Request("flow_step", z.device, z.dtype, requires_grad=True)
     print(f"flow_step, B={args.batch} D={args.dim} H={args.hidden} K={args.fields}+{args.fields} "
           f"({args.active} active per sample), forward+backward, float32, CPU")
     print(f"{'backend':8s} {'median ms':>10s} {'max |dz| vs torch':>18s}")

@@ -1,4 +1,4 @@
-"""``python -m sta.info``: versions, devices and the availability of every backend, with reasons."""
+"""``python -m sta.info``: versions, devices and the availability of every op x backend, with reasons."""
 from __future__ import annotations
 
 import platform
@@ -7,17 +7,28 @@ import sys
 import torch
 
 
-def _backend_request(device: torch.device, dtype: torch.dtype):
-    from .backends import StepRequest
+def backend_table(devices: list) -> list[str]:
+    """One line per op x backend (x device, when the backend could run on this machine): "available"
+    or why not, for a float32 input on that device."""
+    from .backends import Request, all_backends, op_names
 
-    return StepRequest(device=device, dtype=dtype, B=128, D=64, H=64, Kp=4, Kr=4, rotational="hamiltonian",
-                       outputs=frozenset({"z", "div"}), requires_grad=True)
+    lines = ["ops x backends (float32 input):"]
+    for op in op_names():
+        for backend in all_backends(op):
+            missing = backend.unavailable()
+            if missing:  # nothing to ask per device
+                lines.append(f"  {op:15s} {backend.name:7s} {'-':7s} unavailable: " + "; ".join(missing))
+                continue
+            for device in devices:
+                reasons = backend.why_not(Request(op, device, torch.float32))
+                status = "available" if not reasons else "unavailable: " + "; ".join(reasons)
+                lines.append(f"  {op:15s} {backend.name:7s} {str(device):7s} {status}")
+    return lines
 
 
 def report() -> str:
     """The text that ``python -m sta.info`` prints."""
     from . import __version__
-    from .backends import all_backends
 
     lines = [f"sta {__version__}", f"python {platform.python_version()} ({sys.executable})",
              f"torch {torch.__version__} (CUDA build: {torch.version.cuda or 'none'})"]
@@ -37,12 +48,7 @@ def report() -> str:
     else:
         lines.append("cuda: no GPU visible")
     lines.append("")
-    lines.append("backends (flow_step, float32 input):")
-    for backend in all_backends():
-        for device in devices:
-            reasons = backend.why_not(_backend_request(device, torch.float32))
-            status = "available" if not reasons else "unavailable: " + "; ".join(reasons)
-            lines.append(f"  {backend.name:7s} {str(device):7s} {status}")
+    lines.extend(backend_table(devices))
     from . import _extension
 
     lines.append(f"extension sta._C: {_extension.status()}")

@@ -1,13 +1,14 @@
-"""Public functional ops and backend dispatch.
+"""The op ``flow_step``: definition, checks, the torch implementation, and dispatch.
 
 :func:`flow_step` is the fused sparse flow step of docs/ops.md section 1. Inputs are validated once
 here; the per-step field parameters are prepared here (time embedding, ``M = A W^T``), so the
-backends only ever see plain tensors (:mod:`sta.reference` documents the contract).
+backends only ever see plain tensors (:mod:`sta.reference` documents the contract). Its
+implementations (:mod:`sta.backends`) define the three term methods of :mod:`sta.reference`;
+:func:`sta.flow_path` runs on them too.
 """
 from __future__ import annotations
 
 import functools
-import math
 import numbers
 import sys
 from collections import abc
@@ -16,7 +17,9 @@ from typing import Iterable, NamedTuple, Optional, Union
 import torch
 from torch import Tensor
 
-from .backends import StepRequest, select
+from . import reference
+from .backends import Backend, Request, define_op, register, select
+from .backends import dtype_name as _dtype_name
 from .fields import FieldBank
 
 __all__ = ["flow_step", "FlowStepOut", "OUTPUT_NAMES", "prepare_step", "real_number"]
@@ -45,10 +48,6 @@ class FlowStepOut(NamedTuple):
     div_rot: Optional[Tensor] = None
     curl: Optional[Tensor] = None
     u: Optional[Tensor] = None
-
-
-def _dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).replace("torch.", "")
 
 
 def real_number(name: str, value, dtype: Optional[torch.dtype] = None) -> float:
@@ -136,15 +135,29 @@ def _check_inputs(z, t, g_pot, g_rot, fields, dt, outputs):
     return g_pot, g_rot, _check_outputs(outputs)
 
 
-def select_backend(z: Tensor, fields: FieldBank, want: frozenset, backend: str):
-    """The backend implementation for steps of ``z: (B, D)`` through ``fields`` (one dispatch;
-    shared by :func:`flow_step` and :func:`sta.flow_path`)."""
-    request = StepRequest(
-        device=z.device, dtype=z.dtype, B=z.shape[0], D=fields.dim, H=fields.hidden,
-        Kp=fields.num_potential, Kr=fields.num_rotational, rotational=fields.construction,
-        outputs=want, requires_grad=torch.is_grad_enabled(),
-    )
-    return select(request, backend)
+#: An implementation defines the three term methods of :mod:`sta.reference`, with its signatures.
+define_op("flow_step", ("potential_terms", "hamiltonian_terms", "mlp_terms"))
+define_op("flow_path", runs_on="flow_step")  # sta.flow_path chains flow_step's term methods
+
+
+class TorchFlowStep(Backend):
+    """The pure-PyTorch reference (:mod:`sta.reference`): any device, autograd for gradients."""
+
+    op = "flow_step"
+    name = "torch"
+    dtypes = frozenset({torch.float32, torch.float64, torch.bfloat16, torch.float16})
+    potential_terms = staticmethod(reference.potential_terms)
+    hamiltonian_terms = staticmethod(reference.hamiltonian_terms)
+    mlp_terms = staticmethod(reference.mlp_terms)
+
+
+register(TorchFlowStep())
+
+
+def select_backend(z: Tensor, backend: str, op: str = "flow_step") -> Backend:
+    """The implementation for steps of ``z: (B, D)`` (the one dispatch of :func:`flow_step` and
+    :func:`sta.flow_path`, which passes ``op="flow_path"``)."""
+    return select(Request(op, z.device, z.dtype, torch.is_grad_enabled()), backend)
 
 
 def _active_fields(g: Optional[Tensor]) -> Optional[Tensor]:
@@ -242,10 +255,10 @@ def flow_step(
 
     Raises:
         TypeError / ValueError naming the argument for bad shapes, dtypes, devices or values;
-        sta.backends.BackendUnavailableError when a named backend cannot run the input.
+        sta.BackendUnavailableError when a named backend cannot run the input.
     """
     g_pot, g_rot, want = _check_inputs(z, t, g_pot, g_rot, fields, dt, outputs)
-    impl = select_backend(z, fields, want, backend)
+    impl = select_backend(z, backend)
     pot_params, rot_params = prepare_step(fields, t, g_pot, g_rot)
     return apply_step(impl, z, g_pot, g_rot, pot_params, rot_params, fields.construction, dt, want)
 

@@ -105,7 +105,7 @@ def flow_path(
         g_rot = z0.new_zeros(B, T, fields.num_rotational)
     # Every per-step check of flow_step (z, devices, dtypes of the parameters, t, dt, outputs), once.
     _, _, want = _check_inputs(z0, t0, g_pot[:, 0] if T else None, g_rot[:, 0] if T else None, fields, dt, outputs)
-    impl = select_backend(z0, fields, want, backend)
+    impl = select_backend(z0, backend, op="flow_path")
     # Fields with an active pair somewhere in the path: (Kp,) / (Kr,) bool, on the device (no sync).
     active_pot = _active_fields(g_pot.flatten(0, 1))
     active_rot = _active_fields(g_rot.flatten(0, 1))

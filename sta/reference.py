@@ -31,7 +31,6 @@ __all__ = [
     "HamiltonianParams",
     "MLPParams",
     "FieldTerms",
-    "TERM_NAMES",
     "potential_value",
     "potential_gradient",
     "hamiltonian_velocity",
@@ -103,10 +102,6 @@ class FieldTerms(NamedTuple):
     u: Optional[Tensor] = None
     div_rot: Optional[Tensor] = None
     curl: Optional[Tensor] = None
-
-
-#: Optional per-pair outputs a caller may ask a bank for (besides velocity, div).
-TERM_NAMES = ("div", "hj", "u", "div_rot", "curl")
 
 
 # ----------------------------------------------------------------------------------------------

@@ -14,7 +14,7 @@ import torch
 
 import sta
 from sta import _extension, backends, reference
-from sta.backends import StepRequest
+from sta.backends import Request
 from tests.tolerances import assert_close
 
 F32, F64 = torch.float32, torch.float64
@@ -319,8 +319,7 @@ def test_torch_compile_fullgraph(cpu, rotational):
 # ----------------------------------------------------------------------------------------------
 
 def _request(device="cpu", dtype=F32):
-    return StepRequest(device=torch.device(device), dtype=dtype, B=4, D=3, H=5, Kp=2, Kr=1,
-                       rotational="hamiltonian", outputs=frozenset({"z", "div"}), requires_grad=False)
+    return Request("flow_step", torch.device(device), dtype)
 
 
 def test_why_not_reasons(cpu):

@@ -1,4 +1,4 @@
-"""The ``cuda`` backend (sta/backend_cuda.py, csrc/cuda): parity with the reference, opcheck, CUDA graphs.
+"""The ``cuda`` backend (sta/backends/cuda.py, csrc/cuda): parity with the reference, opcheck, CUDA graphs.
 
 The ``gpu`` tests need a CUDA GPU and an extension built with CUDA; elsewhere only the
 availability reporting is checked (the kernels are compile-checked by tests/test_cuda_compile.py).
@@ -16,7 +16,7 @@ OUTPUTS = ("z", "div", "hj", "div_rot", "curl", "u")
 
 def test_cuda_backend_registers_and_explains():
     backend = get_backend("cuda")
-    assert backend.name == "cuda" and type(backend).__name__ == "CudaBackend"
+    assert backend.name == "cuda" and type(backend).__name__ == "CompiledFlowStep"
     z = torch.randn(4, 6)
     fields = FieldBank(6, 2, 2, 8)
     if not torch.cuda.is_available():

@@ -13,11 +13,11 @@ import torch
 
 import sta
 from sta import backends, reference
-from sta.backends import StepRequest
+from sta.backends import Request
 from tests.tolerances import assert_close
 
 triton = pytest.importorskip("triton", reason="the triton backend needs triton installed")
-from sta.kernels import backend as triton_backend  # noqa: E402
+from sta.backends import triton as triton_backend  # noqa: E402
 from sta.kernels import configs as kernel_configs  # noqa: E402
 from sta.kernels import flow_step as fs  # noqa: E402
 from sta.kernels import routing  # noqa: E402
@@ -36,7 +36,7 @@ def _on_device():
     with torch.device(DEVICE):
         yield
 
-BACKEND = triton_backend.TritonBackend()
+BACKEND = triton_backend.TritonFlowStep()
 ALL = sta.OUTPUT_NAMES
 
 
@@ -299,8 +299,7 @@ def test_gpu_low_precision(dtype):
 # -- availability ------------------------------------------------------------------------------
 
 def _request(dtype=F32, device="cpu"):
-    return StepRequest(device=torch.device(device), dtype=dtype, B=4, D=3, H=5, Kp=1, Kr=1,
-                       rotational="hamiltonian", outputs=frozenset({"z", "div"}), requires_grad=True)
+    return Request("flow_step", torch.device(device), dtype, requires_grad=True)
 
 
 def test_why_not_float64():

@@ -27,7 +27,7 @@ from hypothesis import strategies as st
 
 import sta
 from sta import backends
-from sta.grid import _GRID_BACKENDS, cfl_number
+from sta.grid import cfl_number
 from tests.tolerances import assert_same_nonfinite
 
 NAN, INF = float("nan"), float("inf")
@@ -41,13 +41,13 @@ def fuzz(examples: int):
 
 
 def flow_backends(dtype) -> list:
-    request = backends.StepRequest(torch.device("cpu"), dtype, 2, 2, 2, 1, 1, "hamiltonian",
-                                   frozenset({"z", "div"}), True)
+    request = backends.Request("flow_step", torch.device("cpu"), dtype, requires_grad=True)
     return [b.name for b in backends.all_backends() if not b.why_not(request)]
 
 
 def grid_backends() -> list:
-    return [name for name, b in _GRID_BACKENDS.items() if not b.why_not(torch.zeros(2, 2))]
+    request = backends.Request("grid_transport", torch.device("cpu"), torch.float32)
+    return [b.name for b in backends.all_backends("grid_transport") if not b.why_not(request)]
 
 
 def assert_names(call, argument: str) -> None:

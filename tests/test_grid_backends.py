@@ -1,4 +1,4 @@
-"""Backends of grid_transport (sta.grid): parity with the torch reference, dispatch, the op contract.
+"""Backends of grid_transport (sta.grid.transport, sta.backends): parity with the torch reference, dispatch, the op contract.
 
 triton runs under the interpreter on CPU-only machines (tests/conftest.py sets TRITON_INTERPRET=1);
 cpu needs the C++ extension (built just in time by sta._extension); cuda needs a GPU. A backend
@@ -10,8 +10,8 @@ import pytest
 import torch
 
 import sta
-from sta.backends import BackendUnavailableError
-from sta.grid import LIMITERS, _GRID_BACKENDS, cfl_number, select_grid_backend
+from sta.backends import BackendUnavailableError, Request, get_backend, select
+from sta.grid import LIMITERS, cfl_number
 from tests.tolerances import assert_close
 
 FAST = ("cpu", "triton", "cuda")
@@ -24,8 +24,12 @@ def _device_for(backend):
     return torch.device("cpu")
 
 
+def _request(device=torch.device("cpu"), requires_grad=False):
+    return Request("grid_transport", device, torch.float32, requires_grad)
+
+
 def _require(backend, device):
-    reasons = _GRID_BACKENDS[backend].why_not(torch.empty(2, 2, device=device))
+    reasons = get_backend(backend, "grid_transport").why_not(_request(device))
     if reasons:
         pytest.skip(f"{backend} unavailable: " + "; ".join(reasons))
 
@@ -96,21 +100,20 @@ def test_non_contiguous_inputs(backend):
 
 
 def test_auto_picks_the_compiled_cpu_op_never_the_interpreter():
-    rho = torch.rand(4, 4)
-    chosen = select_grid_backend(rho, "auto")
-    expected = "cpu" if not _GRID_BACKENDS["cpu"].why_not(rho) else "torch"
-    assert chosen.name == expected
+    chosen = select(_request(), "auto")
+    expected = "cpu" if not get_backend("cpu", "grid_transport").why_not(_request()) else "torch"
+    assert chosen.name == expected and chosen.op == "grid_transport"
 
 
 def test_forced_unavailable_backend_lists_its_reasons():
     rho, faces = _case((5, 4), False, torch.float32, torch.device("cpu"), scale=0.1)
-    with pytest.raises(BackendUnavailableError, match="backend 'cuda' cannot run grid_transport: needs a cuda tensor"):
+    with pytest.raises(BackendUnavailableError, match="backend 'cuda' cannot run grid_transport: device cpu: the cuda backend takes CUDA tensors only"):
         sta.grid_transport(rho, faces, 1.0, 0.1, backend="cuda")
 
 
 def test_sta_backend_environment_variable(monkeypatch):
     monkeypatch.setenv("STA_BACKEND", "torch")
-    assert select_grid_backend(torch.rand(3, 3)).name == "torch"
+    assert select(_request()).name == "torch"
 
 
 def test_opcheck_of_the_compiled_op():
@@ -140,11 +143,11 @@ def test_auto_takes_the_differentiable_reference_when_a_gradient_is_needed():
     out = sta.grid_transport(rho, faces, 1.0, 0.1)  # auto
     (grad,) = torch.autograd.grad(out.square().sum(), faces[0])
     assert grad.abs().sum() > 0
-    if not _GRID_BACKENDS["cpu"].why_not(rho):
+    if not get_backend("cpu", "grid_transport").why_not(_request()):
         with pytest.raises(BackendUnavailableError, match="not differentiable"):
             sta.grid_transport(rho, faces, 1.0, 0.1, backend="cpu")
-        with torch.no_grad():
-            assert select_grid_backend(rho, "auto", needs_grad=False).name == "cpu"
+        assert select(_request(requires_grad=True), "auto").name == "torch"
+        assert select(_request(requires_grad=False), "auto").name == "cpu"
 
 
 def test_latent_grid_is_detached_unless_asked():

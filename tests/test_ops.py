@@ -1,5 +1,6 @@
 """sta.flow_step: gradients, sparsity, input validation and backend dispatch (reference backend)."""
 import os
+import re
 import subprocess
 import sys
 
@@ -230,8 +231,7 @@ NAN, INF = float("nan"), float("inf")
 
 
 def _require(backend, dtype=torch.float32):
-    request = backends.StepRequest(torch.device("cpu"), dtype, 5, 4, 3, 2, 2, "hamiltonian",
-                                   frozenset({"z", "div"}), True)
+    request = backends.Request("flow_step", torch.device("cpu"), dtype, requires_grad=True)
     reasons = backends.get_backend(backend).why_not(request)
     if reasons:
         pytest.skip(f"{backend} cannot run here: " + "; ".join(reasons))
@@ -360,16 +360,35 @@ def test_auto_falls_back_silently_and_env_overrides(monkeypatch):
         sta.flow_step(**kwargs)
 
 
-def test_every_backend_reports_reasons_or_runs():
-    request = backends.StepRequest(torch.device("cpu"), torch.float32, 4, 4, 5, 2, 3, "hamiltonian",
-                                   frozenset({"z", "div"}), True)
-    names = [b.name for b in backends.all_backends()]
+@pytest.mark.parametrize("op", ["flow_step", "flow_path", "grid_transport"])
+def test_every_backend_reports_reasons_or_runs(op):
+    request = backends.Request(op, torch.device("cpu"), torch.float32, requires_grad=True)
+    assert op in backends.op_names()
+    names = [b.name for b in backends.all_backends(op)]
     assert names == list(backends.BACKEND_NAMES)
-    for backend in backends.all_backends():
+    for backend in backends.all_backends(op):
         reasons = backend.why_not(request)
         assert isinstance(reasons, list) and all(isinstance(r, str) and r for r in reasons)
     assert backends.select(request, "auto").why_not(request) == []
-    assert backends.get_backend("torch").why_not(request) == []
+    assert backends.get_backend("torch", op).why_not(request) == []
+
+
+def test_register_checks_the_op_contract():
+    class Half(backends.Backend):  # a flow_step implementation without mlp_terms
+        op, name = "flow_step", "cpu"
+        potential_terms = hamiltonian_terms = staticmethod(lambda *a: None)
+
+    with pytest.raises(TypeError, match=r"lacks \['mlp_terms'\]"):
+        backends.register(Half())
+    Half.op = "no_such_op"
+    with pytest.raises(ValueError, match="^impl: op 'no_such_op' is not"):
+        backends.register(Half())
+    Half.op = "flow_path"  # runs on flow_step's implementations: none of its own
+    with pytest.raises(ValueError, match="^impl: op 'flow_path' is not"):
+        backends.register(Half())
+    assert type(backends.get_backend("cpu")).__name__ != "Half"
+    with pytest.raises(ValueError, match="^op:"):
+        backends.get_backend("torch", "no_such_op")
 
 
 def test_flow_step_docstring_documents_every_shape():
@@ -383,8 +402,9 @@ def test_info_runs_and_lists_every_backend():
     env = dict(os.environ)
     res = subprocess.run([sys.executable, "-m", "sta.info"], capture_output=True, text=True, env=env, timeout=300)
     assert res.returncode == 0, res.stderr
-    for name in backends.BACKEND_NAMES:
-        assert f"  {name}" in res.stdout
+    for op in backends.op_names():
+        for name in backends.BACKEND_NAMES:
+            assert re.search(rf"^  {op} +{name} ", res.stdout, re.M), (op, name)
     assert "torch" in res.stdout and "available" in res.stdout
 
 

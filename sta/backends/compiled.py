@@ -1,36 +1,33 @@
-"""The ``cpu`` backend: the fused sparse flow step in C++ (``csrc/cpu/flow_step.cpp``).
+"""The compiled ops ``torch.ops.sta.*`` (``sta._C``: C++ on CPU, CUDA where built) and the
+implementations over them, shared by the ``cpu`` and ``cuda`` backends (:mod:`sta.backends.cpu`,
+:mod:`sta.backends.cuda`), which differ only in the device they take and what they need from the
+machine. The op library dispatches on the tensors' device.
 
-The ops ``torch.ops.sta.{potential,hamiltonian,mlp}_{fwd,bwd}`` are defined in C++ (schemas in
-csrc/README.md). This module gives them what the torch op library needs from Python -- fake
-(meta) kernels for ``torch.compile`` and the autograd formula (forward op -> backward op) -- and
-a thin :class:`CpuBackend` with the term methods of :mod:`sta.reference`. The CUDA backend
-registers kernels for the same ops and reuses the fakes and autograd registered here
-(:func:`register_python_side` runs once, when :func:`sta._extension.load` succeeds).
+The ops are defined in C++ (schemas in csrc/README.md). This module gives them what the torch op
+library needs from Python once the extension is loaded (:func:`sta._extension.on_load`): fake
+(meta) kernels for ``torch.compile`` and ``opcheck``, and the autograd formula of each flow-step
+op (forward op -> backward op). ``sta::grid_transport`` is forward only.
 
 Per-step matrices that only some outputs need are formed here from the parameters, so autograd
 carries their gradients back to the parameters: the curl matrix ``C = G - N o N^T`` of the
 hamiltonian fields (:func:`sta.reference.hamiltonian_curl_matrices`) and the divergence matrix
-``P = W2 o W1^T`` of the mlp fields. The curl of an mlp field is a diagnostic (docs/maths.md 1.3): it is
-computed by the reference (:func:`sta.reference.mlp_terms`, torch autograd) on the active rows.
+``Pdiv = W2 o W1^T`` of the mlp fields (names of docs/ops.md section 7). The curl of an mlp field
+is a diagnostic (docs/maths.md 1.3): it is computed by the reference (:func:`sta.reference.mlp_terms`,
+torch autograd) on the active rows.
 """
 from __future__ import annotations
 
-import threading
+from typing import Callable
 
 import torch
 from torch import Tensor
 
-from . import _extension, reference
-from .backends import Backend, StepRequest, register
-from .reference import FieldTerms
+from .. import _extension, reference
+from ..grid.transport import LIMITERS
+from ..reference import FieldTerms
+from . import Backend
 
-__all__ = ["CpuBackend", "register_python_side", "OPS"]
-
-#: The flow-step ops this module registers fakes and autograd for.
-OPS = ("potential_fwd", "potential_bwd", "hamiltonian_fwd", "hamiltonian_bwd", "mlp_fwd", "mlp_bwd")
-
-_registered = False
-_lock = threading.Lock()
+__all__ = ["CompiledFlowStep", "CompiledGridTransport", "IMPLEMENTATIONS"]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -57,13 +54,17 @@ def _fake_hamiltonian_bwd(grad_velocity, grad_curl, z, g, W, c, a, M, C):
             z.new_empty(a.shape), z.new_empty(M.shape), z.new_empty(C.shape) if C is not None else z.new_empty(0))
 
 
-def _fake_mlp_fwd(z, g, W1, c1, W2, b2, P):
+def _fake_mlp_fwd(z, g, W1, c1, W2, b2, Pdiv):
     return z.new_empty(z.shape), z.new_empty(z.shape[0]), z.new_empty(g.shape)
 
 
-def _fake_mlp_bwd(grad_velocity, grad_div, grad_div_rot, z, g, W1, c1, W2, b2, P):
+def _fake_mlp_bwd(grad_velocity, grad_div, grad_div_rot, z, g, W1, c1, W2, b2, Pdiv):
     return (z.new_empty(z.shape), z.new_empty(g.shape), z.new_empty(W1.shape), z.new_empty(c1.shape),
-            z.new_empty(W2.shape), z.new_empty(b2.shape), z.new_empty(P.shape) if P is not None else z.new_empty(0))
+            z.new_empty(W2.shape), z.new_empty(b2.shape), z.new_empty(Pdiv.shape) if Pdiv is not None else z.new_empty(0))
+
+
+def _fake_grid_transport(rho, u0, u1, u2, c0, c1, c2, periodic, limiter):
+    return torch.empty_like(rho, memory_format=torch.contiguous_format)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -94,10 +95,10 @@ def _hamiltonian_backward(ctx, grad_velocity, grad_curl):
 
 
 def _mlp_backward(ctx, grad_velocity, grad_div, grad_div_rot):
-    z, g, W1, c1, W2, b2, P = ctx.saved_tensors
-    grads = torch.ops.sta.mlp_bwd(grad_velocity, grad_div, grad_div_rot, z, g, W1, c1, W2, b2, P)
+    z, g, W1, c1, W2, b2, Pdiv = ctx.saved_tensors
+    grads = torch.ops.sta.mlp_bwd(grad_velocity, grad_div, grad_div_rot, z, g, W1, c1, W2, b2, Pdiv)
     return tuple(_grad_or_none(x, n) for x, n in zip(grads[:6], ctx.needs_input_grad[:6])) + (
-        grads[6] if P is not None and ctx.needs_input_grad[6] else None,)
+        grads[6] if Pdiv is not None and ctx.needs_input_grad[6] else None,)
 
 
 def _no_double_backward(ctx, *grads):
@@ -110,61 +111,58 @@ def _setup_bwd(ctx, inputs, output):
     pass
 
 
-def register_python_side() -> None:
-    """Register the fakes and autograd of the flow-step ops (idempotent; needs the ops loaded)."""
-    global _registered
-    if _registered:
-        return
-    with _lock:
-        if _registered:
-            return
-        fakes = {"potential_fwd": _fake_potential_fwd, "potential_bwd": _fake_potential_bwd,
-                 "hamiltonian_fwd": _fake_hamiltonian_fwd, "hamiltonian_bwd": _fake_hamiltonian_bwd,
-                 "mlp_fwd": _fake_mlp_fwd, "mlp_bwd": _fake_mlp_bwd}
-        for name, fake in fakes.items():
-            torch.library.register_fake(f"sta::{name}", fake)
-        torch.library.register_autograd("sta::potential_fwd", _potential_backward, setup_context=_setup)
-        torch.library.register_autograd("sta::hamiltonian_fwd", _hamiltonian_backward, setup_context=_setup)
-        torch.library.register_autograd("sta::mlp_fwd", _mlp_backward, setup_context=_setup)
-        for name in ("potential_bwd", "hamiltonian_bwd", "mlp_bwd"):  # a clear error on double backward
-            torch.library.register_autograd(f"sta::{name}", _no_double_backward, setup_context=_setup_bwd)
-        _registered = True
+#: op -> fake kernel; the forward ops' backward formulas
+_FAKES = {"potential_fwd": _fake_potential_fwd, "potential_bwd": _fake_potential_bwd,
+          "hamiltonian_fwd": _fake_hamiltonian_fwd, "hamiltonian_bwd": _fake_hamiltonian_bwd,
+          "mlp_fwd": _fake_mlp_fwd, "mlp_bwd": _fake_mlp_bwd, "grid_transport": _fake_grid_transport}
+_BACKWARDS = {"potential_fwd": _potential_backward, "hamiltonian_fwd": _hamiltonian_backward,
+              "mlp_fwd": _mlp_backward}
+
+
+def _register_library_side() -> None:
+    """Fakes and autograd of the compiled ops; run once by the loader, right after it loads them."""
+    for name, fake in _FAKES.items():
+        torch.library.register_fake(f"sta::{name}", fake)
+    for name, backward in _BACKWARDS.items():
+        torch.library.register_autograd(f"sta::{name}", backward, setup_context=_setup)
+        # a clear error on double backward
+        torch.library.register_autograd(f"sta::{name[:-4]}_bwd", _no_double_backward, setup_context=_setup_bwd)
+
+
+_extension.on_load(_register_library_side)
 
 
 # ----------------------------------------------------------------------------------------------
-# The backend
+# The implementations
 # ----------------------------------------------------------------------------------------------
+
+class _Compiled(Backend):
+    """An implementation over ``torch.ops.sta.*`` on one device type: ``machine_reasons()`` says
+    what the machine lacks for it (the extension, CUDA, ...)."""
+
+    dtypes = frozenset({torch.float32, torch.float64})
+
+    def __init__(self, name: str, machine_reasons: Callable[[], list]):
+        self.name = self.device_type = name
+        self._machine_reasons = machine_reasons
+
+    def unavailable(self) -> list[str]:
+        return self._machine_reasons()
+
 
 def _pair_zeros(z: Tensor, K: int, want, names) -> dict:
     """Zero (B, K) outputs for requested per-pair names this field kind does not produce."""
     return {name: z.new_zeros(z.shape[0], K) for name in names if name in want}
 
 
-class CpuBackend(Backend):
-    """Sparse fused flow step in C++ on CPU tensors (float32, float64): ``torch.ops.sta.*``.
+class CompiledFlowStep(_Compiled):
+    """Sparse fused flow step (float32, float64): ``torch.ops.sta.{potential,hamiltonian,mlp}_fwd``.
 
     Exactly the semantics of :func:`sta.reference.potential_terms`, :func:`~sta.reference.hamiltonian_terms`
     and :func:`~sta.reference.mlp_terms`, differentiable in every input.
     """
 
-    name = "cpu"
-    dtypes = frozenset({torch.float32, torch.float64})
-
-    def unavailable(self) -> list[str]:
-        """Empty once the extension is loaded; the first call may compile it (once per machine)."""
-        if _extension.load() is None:
-            return [f"C++ extension not available: {_extension.error()}"]
-        return []
-
-    def why_not(self, request: StepRequest) -> list[str]:
-        reasons = []
-        if request.device.type != "cpu":
-            reasons.append(f"device {request.device}: the cpu backend takes CPU tensors only")
-        if request.dtype not in self.dtypes:
-            reasons.append(f"dtype {str(request.dtype).replace('torch.', '')} not supported (supports float32, float64)")
-        if not reasons:  # only compile/load the extension for a request it could run
-            reasons.extend(self.unavailable())
-        return reasons
+    op = "flow_step"
 
     def potential_terms(self, z, g, p, want=("div",)):
         velocity, div, hj, u = torch.ops.sta.potential_fwd(z, g, p.W, p.c, p.a, p.de)
@@ -187,12 +185,26 @@ class CpuBackend(Backend):
     def mlp_terms(self, z, g, p, want=("div",)):
         K = g.shape[1]
         need_div = "div" in want or "div_rot" in want
-        P = p.W2 * p.W1.transpose(1, 2) if need_div else None  # (K, D, H): div = ds2 . (P ds1)
-        velocity, div, div_rot = torch.ops.sta.mlp_fwd(z, g, p.W1, p.c1, p.W2, p.b2, P)
+        Pdiv = p.W2 * p.W1.transpose(1, 2) if need_div else None  # (K, D, H): div = ds2 . (Pdiv ds1)
+        velocity, div, div_rot = torch.ops.sta.mlp_fwd(z, g, p.W1, p.c1, p.W2, p.b2, Pdiv)
         curl = reference.mlp_terms(z, g, p, ("curl",)).curl if "curl" in want else None  # diagnostic
         extra = _pair_zeros(z, K, want, ("hj", "u"))
         return FieldTerms(velocity=velocity, div=div if "div" in want else None,
                           div_rot=div_rot if "div_rot" in want else None, curl=curl, **extra)
 
 
-register(CpuBackend())
+class CompiledGridTransport(_Compiled):
+    """One finite-volume step, ``torch.ops.sta.grid_transport`` (float32, float64; forward only)."""
+
+    op = "grid_transport"
+    differentiable = False
+
+    def transport(self, rho, faces, coef, periodic, limiter):
+        u3 = faces[2] if len(faces) == 3 else rho.new_empty(0)
+        c3 = coef[2] if len(coef) == 3 else 0.0
+        return torch.ops.sta.grid_transport(rho.contiguous(), faces[0], faces[1], u3, coef[0], coef[1], c3,
+                                            periodic, LIMITERS[limiter])
+
+
+#: What the cpu and cuda backends register, one instance each per device type.
+IMPLEMENTATIONS = (CompiledFlowStep, CompiledGridTransport)
