@@ -12,13 +12,15 @@ Layout (contiguous; a 2-D grid is ``n2 == 1`` with NDIM == 2):
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import triton
 import triton.language as tl
 
 from .launch import launch
 
-__all__ = ["grid_transport_fwd"]
+__all__ = ["grid_transport_fwd", "grid_transport_op"]
 
 #: Cells per program. 1024 keeps every load of a block in a few contiguous runs; fp32 512^2 on
 #: the interpreter is not timed (too slow), on a GPU any of 256..2048 is bandwidth bound.
@@ -161,3 +163,20 @@ def grid_transport_fwd(rho: torch.Tensor, faces: tuple, coef: tuple, periodic: b
     launch(_grid_transport_fwd_kernel, grid, rho, faces[0], faces[1], u2, coef_t, out, n0, n1, n2, n1 * n2,
            rho.numel(), NDIM=ndim, PERIODIC=bool(periodic), LIMITER=int(limiter), BLOCK=block)
     return out
+
+
+# A registered torch op (schema + fake kernel), like the compiled ``sta::grid_transport``, so that
+# torch.compile traces through it and torch.library.opcheck can check it. Forward only: the torch
+# backend is the differentiable one.
+@torch.library.custom_op("sta::triton_grid_transport", mutates_args=())
+def grid_transport_op(rho: torch.Tensor, u0: torch.Tensor, u1: torch.Tensor, u2: Optional[torch.Tensor],
+                      coef: list[float], periodic: bool, limiter: int) -> torch.Tensor:
+    """:func:`grid_transport_fwd` as the op ``sta::triton_grid_transport``: rho (N1, N2[, N3]); u0, u1
+    (and u2 for a 3-D grid, else None) the face velocities; coef: dt / dx per axis."""
+    faces = tuple(u.contiguous() for u in ((u0, u1) if u2 is None else (u0, u1, u2)))
+    return grid_transport_fwd(rho.contiguous(), faces, tuple(coef), periodic, limiter)
+
+
+@grid_transport_op.register_fake
+def _(rho, u0, u1, u2, coef, periodic, limiter):
+    return torch.empty_like(rho, memory_format=torch.contiguous_format)

@@ -126,6 +126,16 @@ def test_opcheck_of_the_compiled_op():
     torch.library.opcheck(op, (rho3, *faces3, 0.01, 0.02, 0.03, True, 1), test_utils=("test_schema", "test_faketensor"))
 
 
+def test_opcheck_of_the_triton_op():
+    _require("triton", _device_for("triton"))
+    rho, faces = _case((6, 5), False, torch.float32, _device_for("triton"))
+    op = torch.ops.sta.triton_grid_transport.default
+    torch.library.opcheck(op, (rho, faces[0], faces[1], None, [0.01, 0.02], False, 2),
+                          test_utils=("test_schema", "test_faketensor"))
+    rho3, faces3 = _case((4, 3, 5), True, torch.float64, _device_for("triton"))
+    torch.library.opcheck(op, (rho3, *faces3, [0.01, 0.02, 0.03], True, 1), test_utils=("test_schema", "test_faketensor"))
+
+
 def test_compiled_op_traces_under_torch_compile():
     _require("cpu", torch.device("cpu"))
     rho, faces = _case((8, 7), False, torch.float32, torch.device("cpu"))

@@ -9,7 +9,8 @@ reference also builds once per step are formed here from the parameters with pla
 for the exact mlp divergence (names of docs/ops.md section 7). The curl of ``mlp`` fields is a diagnostic computed with the reference
 on the active rows (explicit Jacobians, O(D^2 H) per row); every other output comes from the kernels.
 
-``grid_transport``: :mod:`sta.kernels.grid_transport` (float32, float64; forward only).
+``grid_transport``: :mod:`sta.kernels.grid_transport`, the torch op ``sta::triton_grid_transport``
+(float32, float64; forward only).
 
 Importing this module never fails: when triton is missing or broken it registers implementations
 whose ``why_not`` gives the reason. Where they run:
@@ -151,7 +152,8 @@ class TritonGridTransport(_Triton):
         return self.unavailable() or self._device_reasons(request) + super().why_not(request)
 
     def transport(self, rho, faces, coef, periodic, limiter):
-        return _gt.grid_transport_fwd(rho.contiguous(), faces, coef, periodic, LIMITERS[limiter])
+        u2 = faces[2] if len(faces) == 3 else None
+        return _gt.grid_transport_op(rho, faces[0], faces[1], u2, list(coef), periodic, LIMITERS[limiter])
 
 
 register(TritonFlowStep())
