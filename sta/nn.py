@@ -5,7 +5,7 @@ from typing import Optional, Union
 
 from torch import Tensor, nn
 
-from .backends import BACKEND_NAMES
+from .backends import check_backend_name
 from .fields import FieldBank
 from .ops import flow_step, real_number
 
@@ -50,9 +50,7 @@ class SparseFlowLayer(nn.Module):
         super().__init__()
         self.fields = FieldBank(dim, num_potential, num_rotational, hidden, rotational, rank)
         self.dt = real_number("dt", dt)  # a bad dt fails here, not at the first forward
-        if not isinstance(backend, str) or (backend != "auto" and backend not in BACKEND_NAMES):
-            raise ValueError(f"backend: expected 'auto' or one of {BACKEND_NAMES}, got {backend!r}")
-        self.backend = backend
+        self.backend = check_backend_name(backend)
 
     def forward(
         self,

@@ -35,6 +35,7 @@ __all__ = [
     "register",
     "get_backend",
     "all_backends",
+    "check_backend_name",
     "requested_backend",
     "select",
     "AUTO_ORDER",
@@ -210,13 +211,18 @@ def all_backends(op: str = "flow_step") -> list[Backend]:
     return [get_backend(name, op) for name in BACKEND_NAMES]
 
 
+def check_backend_name(backend) -> str:
+    """``backend`` if it is "auto" or one of :data:`BACKEND_NAMES`, else a ValueError naming it."""
+    if not isinstance(backend, str) or (backend != "auto" and backend not in BACKEND_NAMES):
+        raise ValueError(f"backend: expected 'auto' or one of {BACKEND_NAMES}, got {backend!r}")
+    return backend
+
+
 def requested_backend(backend: Optional[str]) -> str:
     """The backend name to use: the argument, or ``STA_BACKEND`` when the argument is "auto"."""
     if backend is None or backend == "auto":
         backend = os.environ.get("STA_BACKEND", "auto") or "auto"
-    if not isinstance(backend, str) or (backend != "auto" and backend not in BACKEND_NAMES):
-        raise ValueError(f"backend: expected 'auto' or one of {BACKEND_NAMES}, got {backend!r}")
-    return backend
+    return check_backend_name(backend)
 
 
 def select(request: Request, backend: Optional[str] = "auto") -> Backend:
