@@ -30,7 +30,7 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-#: ``tl.dot`` precision modes (the INPUT_PRECISION constexpr of every kernel, see ``_dot``):
+#: ``tl.dot`` precision modes (the INPUT_PRECISION constexpr of every kernel, see ``_dot`` in flow_step_kernels):
 #: float32 inputs run "ieee" or "tf32" (:func:`precision_for`), bfloat16 / float16 inputs
 #: "bf16" / "fp16"; "tf32_emulated" is the interpreter's stand-in for "tf32" (tests only).
 PRECISIONS = ("ieee", "tf32", "bf16", "fp16", "tf32_emulated")
