@@ -35,7 +35,7 @@ import torch
 
 from .. import reference
 from ..grid.transport import LIMITERS
-from . import Backend, register
+from . import Backend, dtype_name, register
 
 __all__ = ["TritonFlowStep", "TritonGridTransport", "IMPORT_ERROR"]
 
@@ -100,7 +100,7 @@ class TritonFlowStep(_Triton):
             reasons.append("float64 is not a Triton dtype for these kernels (float32 everywhere, "
                            "bfloat16/float16 on GPU); use backend='auto' or 'torch' for float64")
         elif dtype not in self.dtypes:
-            reasons.append(f"dtype {str(dtype).replace('torch.', '')} not supported "
+            reasons.append(f"dtype {dtype_name(dtype)} not supported "
                            f"(supports float32; bfloat16/float16 on GPU)")
         reasons.extend(self._device_reasons(request))
         if request.device.type == "cpu" and not reasons and dtype in _LOW_PRECISION:
