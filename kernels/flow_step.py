@@ -49,7 +49,7 @@ from typing import Optional
 import torch
 import triton
 
-from .configs import HAMILTONIAN, MLP, POTENTIAL, interpreting, next_pow2, precision_for
+from .configs import HAMILTONIAN, MLP, POTENTIAL, next_pow2, precision_for
 from .flow_step_kernels import (_flow_step_bwd_kernel, _flow_step_dz_bwd_kernel, _flow_step_fwd_kernel,
                                 _flow_step_hidden_bwd_kernel, _flow_step_hidden_fwd_kernel,
                                 _flow_step_param_bwd_kernel)
@@ -63,7 +63,6 @@ __all__ = [
     "flow_step_fwd",
     "flow_step_bwd",
     "FlowStepFunction",
-    "interpreting",
     "precision_for",
     "deterministic_refusal",
 ]
