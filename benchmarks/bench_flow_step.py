@@ -343,8 +343,7 @@ def unavailable(name: str, device: torch.device, named: bool) -> Optional[str]:
         return "interpreter only (the Triton interpreter is a test mode on CPU; name it with --providers to run it)"
     if name in ("cpu", "triton", "cuda"):
         backend = sta.backends.get_backend(name)
-        request = sta.backends.StepRequest(device=device, dtype=torch.float32, B=1, D=1, H=1, Kp=1, Kr=1,
-                                           rotational="mlp", outputs=frozenset({"z", "div"}), requires_grad=True)
+        request = sta.backends.Request("flow_step", device, torch.float32, requires_grad=True)
         reasons = backend.why_not(request)
         if reasons:
             return "; ".join(reasons)

@@ -28,7 +28,9 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _harness as H  # noqa: E402
 
 import sta  # noqa: E402
-from sta.grid import _GRID_BACKENDS, _check_faces, cfl_number  # noqa: E402
+from sta.backends import Request, all_backends  # noqa: E402
+from sta.grid import cfl_number  # noqa: E402
+from sta.grid.checks import _check_faces  # noqa: E402
 
 
 def bandwidth_ceiling(device):
@@ -68,10 +70,11 @@ def main(argv=None):
         cells = rho.numel()
         # compulsory traffic: read rho and every face array, write rho
         bytes_moved = (2 * rho.numel() + sum(u.numel() for u in faces)) * rho.element_size()
-        for name, impl in _GRID_BACKENDS.items():
+        for impl in all_backends("grid_transport"):
+            name = impl.name
             base = dict(grid="x".join(map(str, shape)), backend=name, dtype="float32", cells=cells,
                         ceiling_gbs=round(ceiling, 2))
-            reasons = impl.why_not(rho)
+            reasons = impl.why_not(Request("grid_transport", rho.device, rho.dtype))
             if name == "triton" and device.type == "cpu":
                 reasons = ["on CPU only the Triton interpreter runs, far too slow at this size (a test vehicle, "
                            "not a fast path)"]
