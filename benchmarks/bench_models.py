@@ -2,28 +2,35 @@
 
 Trains each model with the same preset for every seed, evaluates it (sta.evaluate) and writes one
 row per (model, seed), with the machine, versions, git sha and run times, to
-benchmarks/results/models_<dataset>.csv, and a Markdown summary (mean and spread over seeds, every
-seed's equivariance error, and on how many seeds sta beats each baseline) to
-models_<dataset>.md.
+benchmarks/results/models_<dataset>.csv, and a Markdown summary (mean, sd and a 95% bootstrap
+interval per metric, every seed's equivariance error and identification accuracy, and paired per-seed
+comparisons of sta with each baseline) to models_<dataset>.md. Both are rewritten after every
+finished run, seeds in order (all models' seed 0 first), so a bench cut short still compares every
+model on the seeds it finished.
 
     python benchmarks/bench_models.py                       # quick preset, digits, 6 models x 3 seeds
     python benchmarks/bench_models.py --seeds 0 --steps 200 --models sta static   # a shorter look
+    python benchmarks/bench_models.py --dataset mnist --seeds 0 1 2 3 4 --resume  # continue a cut-short bench
+    python benchmarks/bench_models.py --summarize benchmarks/results/models_digits.csv   # rebuild the .md
 
 Runs go two at a time by default (``--jobs 2``, one torch thread each): on 2 CPU cores that is
 about 1.7x the throughput of one run with two threads. Run directories go to --runs (default
-runs/bench-<dataset>-<preset>/<model>-s<seed>); rerunning retrains.
+runs/bench-<dataset>-<preset>/<model>-s<seed>); rerunning retrains, except with ``--resume``, which
+reuses every finished run of the same configuration (its ``bench.json``).
 """
 from __future__ import annotations
 
 import argparse
 import csv
+import json
 import multiprocessing
 import os
 import shutil
 import statistics
 import sys
 import time
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import asdict
 from typing import Optional
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -44,21 +51,9 @@ from sta.train import apply_overrides, preset, train  # noqa: E402
 _ORDER = ("dense", "sta", "linear", "slowvae", "static", "betavae")
 
 
-def run_one(name: str, seed: int, dataset: str, preset_name: str, steps, runs: str, threads: int) -> dict:
-    """Train and evaluate one (model, seed); returns its CSV row."""
-    torch.set_num_threads(threads)
-    overrides = [f'model.model="{name}"', f'dataset="{dataset}"', f"seed={seed}"]
-    if steps is not None:
-        overrides.append(f"steps={steps}")
-    config = apply_overrides(preset(preset_name), overrides)
-    out = os.path.join(runs, f"{name}-s{seed}")
-    shutil.rmtree(out, ignore_errors=True)
-    start = time.perf_counter()
-    train(config, out, progress=False)
-    train_s = time.perf_counter() - start
-    start = time.perf_counter()
-    result = evaluate(out)
-    eval_s = time.perf_counter() - start
+def result_row(name: str, seed: int, dataset: str, preset_name: str, result: dict, train_s: float, eval_s: float,
+               threads: int) -> dict:
+    """The CSV row of one finished run from its evaluation (``sta.evaluate`` result / eval.json)."""
     per = result["equivariance_error_per_transformation"]
 
     def rounded(value, digits):
@@ -83,8 +78,40 @@ def run_one(name: str, seed: int, dataset: str, preset_name: str, steps, runs: s
         "eval_s": round(eval_s, 1),
         "threads": threads,
     }
+    return row
+
+
+def run_one(name: str, seed: int, dataset: str, preset_name: str, steps, runs: str, threads: int,
+            resume: bool = False) -> dict:
+    """Train and evaluate one (model, seed); returns its CSV row. With ``resume``, a run directory
+    that already holds a finished run of the same configuration (its ``bench.json``) is reused."""
+    torch.set_num_threads(threads)
+    overrides = [f'model.model="{name}"', f'dataset="{dataset}"', f"seed={seed}"]
+    if steps is not None:
+        overrides.append(f"steps={steps}")
+    config = apply_overrides(preset(preset_name), overrides)
+    out = os.path.join(runs, f"{name}-s{seed}")
+    done = os.path.join(out, "bench.json")
+    requested = json.loads(json.dumps(asdict(config)))  # before train() fills in the dataset's sizes
+    if resume and os.path.exists(done):
+        with open(done) as f:
+            finished = json.load(f)
+        if finished["config"] == requested:
+            print(f"reusing {out}", flush=True)
+            return finished["row"]
+    shutil.rmtree(out, ignore_errors=True)
+    start = time.perf_counter()
+    train(config, out, progress=False)
+    train_s = time.perf_counter() - start
+    start = time.perf_counter()
+    result = evaluate(out)
+    eval_s = time.perf_counter() - start
+    row = result_row(name, seed, dataset, preset_name, result, train_s, eval_s, threads)
     print({k: row[k] for k in ("model", "seed", "equivariance_error", "identification_accuracy", "train_s")},
           flush=True)
+    with open(done + ".tmp", "w") as f:
+        json.dump({"config": requested, "row": row}, f)
+    os.replace(done + ".tmp", done)
     return row
 
 
@@ -98,6 +125,8 @@ def main(argv=None) -> int:
     parser.add_argument("--jobs", type=int, default=2, help="runs at a time (each gets cores // jobs threads)")
     parser.add_argument("--runs", default=None, help="directory for the run directories")
     parser.add_argument("--results", default=os.path.join(HERE, "results"))
+    parser.add_argument("--resume", action="store_true",
+                        help="reuse the finished runs in --runs (same configuration) instead of retraining them")
     parser.add_argument("--summarize", metavar="CSV", default=None,
                         help="only write the Markdown summary of an existing results CSV (next to it), no training")
     args = parser.parse_args(argv)
@@ -110,29 +139,36 @@ def main(argv=None) -> int:
     runs = args.runs or os.path.join(ROOT, "runs", f"bench-{args.dataset}-{args.preset}")
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     threads = max(1, cores // args.jobs)
+    # Seed-major: every model's seed 0 first, so that a bench cut short still compares all models;
+    # within a seed, slowest first. Results are written after every finished run.
     tasks = sorted(((m, s) for m in args.models for s in args.seeds),
-                   key=lambda task: (_ORDER.index(task[0]) if task[0] in _ORDER else len(_ORDER), task[1]))
-    start = time.perf_counter()
+                   key=lambda task: (task[1], _ORDER.index(task[0]) if task[0] in _ORDER else len(_ORDER)))
+    provenance = {"machine": f"{cpu_model()}, {cores} cores", "torch": torch.__version__, "git": git_sha(),
+                  "jobs": args.jobs}
+    os.makedirs(args.results, exist_ok=True)
+    base = os.path.join(args.results, f"models_{args.dataset}")
+    rows, start = [], time.perf_counter()
+
+    def finished(row):
+        rows.append({**row, **provenance})
+        rows.sort(key=lambda r: (args.models.index(r["model"]), r["seed"]))
+        wall_s = round(time.perf_counter() - start, 1)
+        with open(base + ".csv.tmp", "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=list(rows[0]) + ["bench_wall_s"])
+            writer.writeheader()
+            writer.writerows({**r, "bench_wall_s": wall_s} for r in rows)
+        os.replace(base + ".csv.tmp", base + ".csv")
+        print(f"{len(rows)} of {len(tasks)} runs done ({wall_s / 60:.0f} min): {base}.csv", flush=True)
+
+    arguments = [(m, s, args.dataset, args.preset, args.steps, runs, threads, args.resume) for m, s in tasks]
     if args.jobs == 1:
-        rows = [run_one(m, s, args.dataset, args.preset, args.steps, runs, threads) for m, s in tasks]
+        for a in arguments:
+            finished(run_one(*a))
     else:
         context = multiprocessing.get_context("spawn")
         with ProcessPoolExecutor(max_workers=args.jobs, mp_context=context) as pool:
-            futures = [pool.submit(run_one, m, s, args.dataset, args.preset, args.steps, runs, threads)
-                       for m, s in tasks]
-            rows = [f.result() for f in futures]
-    wall_s = time.perf_counter() - start
-    rows.sort(key=lambda r: (args.models.index(r["model"]), r["seed"]))
-    provenance = {"machine": f"{cpu_model()}, {cores} cores", "torch": torch.__version__, "git": git_sha(),
-                  "jobs": args.jobs, "bench_wall_s": round(wall_s, 1)}
-    rows = [{**row, **provenance} for row in rows]
-
-    os.makedirs(args.results, exist_ok=True)
-    base = os.path.join(args.results, f"models_{args.dataset}")
-    with open(base + ".csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
+            for future in as_completed([pool.submit(run_one, *a) for a in arguments]):
+                finished(future.result())
     print(summarize(base + ".csv", base + ".md"))
     return 0
 

@@ -32,7 +32,14 @@ def test_bench_models_writes_a_row_per_model_and_seed(tmp_path, jobs):
     sta = {r["seed"]: float(r["equivariance_error"]) for r in rows if r["model"] == "sta"}
     lin = {r["seed"]: float(r["equivariance_error"]) for r in rows if r["model"] == "linear"}
     wins = sum(sta[s] < lin[s] for s in sta)
-    assert "equivariance L1, sta vs linear: " in md and f"better on {wins} of 2 seed(s); paired 95% intervals" in md
+    assert "equivariance L1, sta vs linear: " in md
+    if jobs == 2:  # --resume reuses every finished run: same rows, no training
+        again = subprocess.run(cmd + ["--resume"], env=env, capture_output=True, text=True, timeout=600)
+        assert again.returncode == 0, again.stderr[-3000:]
+        assert again.stdout.count("reusing ") == 6
+        with open(tmp_path / "results" / "models_digits.csv") as f:
+            strip = lambda rs: [{k: v for k, v in r.items() if k != "bench_wall_s"} for r in rs]  # noqa: E731
+            assert strip(list(csv.DictReader(f))) == strip(rows) and f"better on {wins} of 2 seed(s); paired 95% intervals" in md
 
 
 def _rows(sta, other, metric="equivariance_error"):
