@@ -614,10 +614,10 @@ STA_FLOW_ROW_BODIES(STA_DEFINE_RUN_ROW)
 }  // namespace sta
 
 // ==============================================================================================
-// BEGIN latent grid transport (sta/grid.py, docs/maths.md section 3; owner: grid transport)
+// BEGIN latent grid transport (sta/grid/transport.py, docs/maths.md section 3; owner: grid transport)
 // The per-face and per-cell maths of one finite-volume step, shared by csrc/cpu/grid_transport.cpp
 // (line kernel: face_flux over contiguous rows) and csrc/cuda/grid_transport.cu (transport_cell).
-// The truth is sta/grid.py:transport_reference; the formulas are in sta/grid.py's docstring:
+// The truth is sta/grid/transport.py:transport_reference; the formulas are in sta/grid/transport.py's docstring:
 //   slope  s_i = limiter(rho_i - rho_{i-1}, rho_{i+1} - rho_i)
 //   face f (between cells f-1 and f): L = rho_{f-1} + s_{f-1}/2, R = rho_f - s_f/2,
 //          F_f = max(u_f, 0) L + min(u_f, 0) R

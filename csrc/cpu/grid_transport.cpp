@@ -1,7 +1,7 @@
 // sta::grid_transport -- one conservative finite-volume step of the continuity equation on a
 // regular 2-D / 3-D grid (docs/maths.md section 3). Schema + CPU kernel. The per-face maths is
 // sta::grid::face_flux in flow_math.h (shared with csrc/cuda/grid_transport.cu); the reference and
-// the validation (shapes, CFL) are in sta/grid.py, which calls this op with checked inputs.
+// the validation (shapes, CFL) are in sta/grid/transport.py, which calls this op with checked inputs.
 //
 // CPU kernel: one task = a run of rows along the last (contiguous) axis. The two other axes read
 // five neighbouring rows through row pointers, and the last axis goes through a padded copy of the
@@ -114,7 +114,7 @@ void run(const Grid<T>& g, bool periodic) {
   });
 }
 
-// Checks the layout the kernels index (sta/grid.py validates the user-facing arguments).
+// Checks the layout the kernels index (sta/grid/transport.py validates the user-facing arguments).
 void check_grid_inputs(const at::Tensor& rho, const at::Tensor& u0, const at::Tensor& u1, const at::Tensor& u2) {
   TORCH_CHECK(rho.dim() == 2 || rho.dim() == 3, "grid_transport: rho must be (N1, N2) or (N1, N2, N3), got ",
               rho.sizes());

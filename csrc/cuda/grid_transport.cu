@@ -1,6 +1,6 @@
 // CUDA kernel of sta::grid_transport: one conservative finite-volume step on a regular 2-D / 3-D
 // grid (docs/maths.md section 3). The per-cell body is sta::grid::transport_cell in flow_math.h, shared with
-// the CPU op (csrc/cpu/grid_transport.cpp); the reference is sta/grid.py:transport_reference.
+// the CPU op (csrc/cpu/grid_transport.cpp); the reference is sta/grid/transport.py:transport_reference.
 // CUDA runtime headers only: the torch binding is csrc/cuda/grid_transport_binding.cpp, and the
 // stream comes in as an integer handle, so this file compiles with plain nvcc against any torch.
 #include <cuda_runtime.h>
