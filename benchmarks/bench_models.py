@@ -86,7 +86,7 @@ def run_one(name: str, seed: int, dataset: str, preset_name: str, steps, runs: s
     """Train and evaluate one (model, seed); returns its CSV row. With ``resume``, a run directory
     that already holds a finished run of the same configuration (its ``bench.json``) is reused."""
     torch.set_num_threads(threads)
-    overrides = [f'model.model="{name}"', f'dataset="{dataset}"', f"seed={seed}"]
+    overrides = [f'model.model="{name}"', f'dataset="{dataset}"', f"seed={seed}", f"threads={threads}"]
     if steps is not None:
         overrides.append(f"steps={steps}")
     config = apply_overrides(preset(preset_name), overrides)

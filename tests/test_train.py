@@ -500,3 +500,31 @@ def test_torchrun_cli_two_processes(tmp_path):
     ckpt = torch.load(checkpoint_path(run_dir), weights_only=False)
     assert ckpt["step"] == 4 and len(ckpt["rng"]) == 2
     assert [m["step"] for m in read_metrics(run_dir)] == [1, 2, 3, 4]
+
+
+def test_training_pins_the_thread_count(monkeypatch):
+    """TrainConfig.threads (default 1) holds inside every training step whatever the caller set, and
+    the caller's setting is restored afterwards; None leaves torch's setting alone."""
+    from sta.models.base import STAModel
+
+    seen = []
+    real_elbo = STAModel.elbo
+
+    def spy(self, *args, **kwargs):
+        seen.append(torch.get_num_threads())
+        return real_elbo(self, *args, **kwargs)
+
+    monkeypatch.setattr(STAModel, "elbo", spy)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        train(apply_overrides(preset("tiny"), ["steps=2"]), progress=False)
+        assert seen == [1, 1] and torch.get_num_threads() == 2
+        seen.clear()
+        train(apply_overrides(preset("tiny"), ["steps=2", "threads=null"]), progress=False)
+        assert seen == [2, 2]
+    finally:
+        torch.set_num_threads(before)
+    assert preset("quick").threads == 1 and preset("paper").threads is None
+    with pytest.raises(ConfigError, match="threads: expected None or a positive int, got 0"):
+        apply_overrides(preset("tiny"), ["threads=0"]).validate()

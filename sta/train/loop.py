@@ -97,9 +97,11 @@ def train(config: TrainConfig, out: Optional[str] = None, resume: bool = False, 
     if bad:
         raise ConfigError(f"update: {bad} cannot change when resuming; allowed: {list(RESUME_KEYS)}")
     ctx = distributed.setup(config.device)
+    caller_threads = torch.get_num_threads()
     try:
         return _train(config, out, resume, progress, ctx, update)
     finally:
+        torch.set_num_threads(caller_threads)
         distributed.teardown()
 
 
@@ -134,6 +136,8 @@ def _train(config: TrainConfig, out, resume, progress, ctx, update) -> STAModel:
     if config.batch_size % ctx.world:
         raise ConfigError(f"batch_size: {config.batch_size} is not divisible by the {ctx.world} processes")
 
+    if config.threads is not None:  # pinned: a seed gives one result (TrainConfig.threads)
+        torch.set_num_threads(config.threads)
     x_all, ds = load_data(config, "train")
     config.model = replace(config.model, channels=ds.channels, image_size=ds.image_size, transitions=ds.T)
     torch.manual_seed(config.seed)  # identical initial weights on every rank
