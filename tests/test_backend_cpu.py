@@ -1,9 +1,10 @@
 """The ``cpu`` backend (C++ in csrc/cpu, ``torch.ops.sta.*``) against the reference.
 
 Parity in float32 and float64 (tests/tolerances.py), forward and every gradient, for the three
-field kinds at term level and for ``sta.flow_step`` end to end (z, t, g_pot, g_rot and every
-field parameter); odd shapes, B = 0, non-contiguous inputs and grad outputs, all-off and all-on
-coefficients; ``opcheck`` on every op; ``torch.compile(fullgraph=True)``; the dispatcher's reasons.
+field kinds at term level (shapes, output subsets, all-off and all-on, D = 255, B = 0) and for
+``sta.flow_step`` end to end at more shapes than the cross-backend matrix of tests/test_parity.py
+(which also has this backend's sparsity patterns, B = 0, odd D and non-contiguous inputs and grad
+outputs); ``opcheck`` on every op; ``torch.compile(fullgraph=True)``; the dispatcher's reasons.
 The extension is built by ``pip install`` or compiled on first use (sta/_extension.py); if it
 cannot be, these tests fail with the reason rather than skip (CI must build it).
 """
@@ -13,13 +14,13 @@ import pytest
 import torch
 
 import sta
-from sta import _extension, backends, reference
+from sta import _extension, backends
 from sta.backends import Request
-from tests.tolerances import assert_close
+from tests.parity import (F32, F64, TERMS_WANT, Case, assert_all_close, check_parity, check_terms, coefficients,
+                          field_bank, grads, term_params)
 
-F32, F64 = torch.float32, torch.float64
 DTYPES = [F32, F64]
-ALL = sta.OUTPUT_NAMES
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
@@ -32,76 +33,14 @@ def cpu():
 
 
 # ----------------------------------------------------------------------------------------------
-# helpers
+# term-level parity: the foundation shapes, sampled (flow_step and flow_path: tests/test_parity.py)
 # ----------------------------------------------------------------------------------------------
 
-def _coefficients(B, K, pattern, dtype):
-    g = (torch.rand(B, K, dtype=dtype) + 0.5) * torch.where(torch.rand(B, K) < 0.5, -1.0, 1.0).to(dtype)
-    if pattern == "mixed":
-        g = g * (torch.rand(B, K) < 0.5)
-    elif pattern == "inactive":
-        g = g * 0
-    return g
+def _terms_case(kind, B, D, H, K, dtype, pattern="mixed"):
+    z = torch.randn(B, D, dtype=dtype, requires_grad=True)
+    g = coefficients((B, K), pattern, dtype, signed=True).requires_grad_()
+    return z, g, term_params(kind, K, H, D, dtype)
 
-
-def _params(kind, K, H, D, dtype):
-    """Random per-step parameters with the scales of a trained model (|W z| ~ 1)."""
-    def r(*shape, scale=1.0):
-        return (torch.randn(*shape, dtype=dtype) * scale).requires_grad_()
-    if kind == "potential":
-        return reference.PotentialParams(r(K, H, D, scale=D ** -0.5), r(K, H, scale=0.5), r(K, H), r(K, H))
-    if kind == "hamiltonian":
-        return reference.HamiltonianParams(r(K, H, D, scale=D ** -0.5), r(K, H, scale=0.5), r(K, H),
-                                           r(K, D, H, scale=H ** -0.5))
-    return reference.MLPParams(r(K, H, D, scale=D ** -0.5), r(K, H, scale=0.5), r(K, D, H, scale=H ** -0.5),
-                               r(K, D, scale=0.5))
-
-
-WANT = {"potential": ("curl", "div", "hj", "u"), "hamiltonian": ("curl", "div", "div_rot"),
-        "mlp": ("curl", "div", "div_rot")}
-
-
-def _terms(impl, kind, z, g, p, want):
-    return getattr(impl, f"{kind}_terms")(z, g, p, want)
-
-
-def _weighted_sum(outs, seed=1234):
-    """A scalar touching every output with fixed random weights (same weights for both sides)."""
-    gen = torch.Generator().manual_seed(seed)
-    total = 0.0
-    for o in outs:
-        if o is not None and o.requires_grad:
-            total = total + (o * torch.randn(o.shape, generator=gen, dtype=torch.float64).to(o.dtype)).sum()
-    return total
-
-
-def _grads(loss, leaves):
-    if not isinstance(loss, torch.Tensor):
-        return [torch.zeros_like(x) for x in leaves]
-    gs = torch.autograd.grad(loss, leaves, allow_unused=True)
-    return [torch.zeros_like(x) if g is None else g for g, x in zip(gs, leaves)]
-
-
-def _check_terms(cpu, kind, z, g, p, want, dtype, grad_outputs=None):
-    leaves = [z, g] + list(p)
-    expected = _terms(backends.get_backend("torch"), kind, z, g, p, want)
-    actual = _terms(cpu, kind, z, g, p, want)
-    for name in expected._fields:
-        assert_close(getattr(actual, name), getattr(expected, name), dtype, what=f"{kind}.{name}")
-    if grad_outputs is None:
-        loss_e, loss_a = _weighted_sum(expected), _weighted_sum(actual)
-    else:
-        loss_e = sum((o * w).sum() for o, w in zip(expected, grad_outputs) if o is not None and o.requires_grad)
-        loss_a = sum((o * w).sum() for o, w in zip(actual, grad_outputs) if o is not None and o.requires_grad)
-    names = ["z", "g"] + list(type(p)._fields)
-    for name, ge, ga in zip(names, _grads(loss_e, leaves), _grads(loss_a, leaves)):
-        assert_close(ga, ge, dtype, what=f"{kind} grad {name}")
-    return actual
-
-
-# ----------------------------------------------------------------------------------------------
-# term-level parity: the foundation shapes, sampled
-# ----------------------------------------------------------------------------------------------
 
 # (B, D, H, K): every D in {1, 3, 17, 64}, H in {1, 5, 32}, K in {0, 1, 3} appears, mixed sparsity
 SHAPES = [(7, 1, 1, 1), (9, 3, 5, 3), (10, 17, 32, 3), (6, 64, 5, 0), (8, 64, 32, 1), (5, 17, 1, 3)]
@@ -111,70 +50,34 @@ SHAPES = [(7, 1, 1, 1), (9, 3, 5, 3), (10, 17, 32, 3), (6, 64, 5, 0), (8, 64, 32
 @pytest.mark.parametrize("kind", ["potential", "hamiltonian", "mlp"])
 @pytest.mark.parametrize("shape", SHAPES, ids=[f"B{b}D{d}H{h}K{k}" for b, d, h, k in SHAPES])
 def test_terms_parity(cpu, shape, kind, dtype):
-    B, D, H, K = shape
-    z = torch.randn(B, D, dtype=dtype, requires_grad=True)
-    g = _coefficients(B, K, "mixed", dtype).requires_grad_()
-    _check_terms(cpu, kind, z, g, _params(kind, K, H, D, dtype), WANT[kind], dtype)
+    check_terms("cpu", kind, *_terms_case(kind, *shape, dtype), TERMS_WANT[kind], dtype)
 
 
 @pytest.mark.parametrize("kind", ["potential", "hamiltonian", "mlp"])
 @pytest.mark.parametrize("want", [(), ("div",), ("hj",), ("curl",), ("div_rot",)])
 def test_terms_output_subsets(cpu, kind, want):
     """Each optional output alone (the ops skip the branches whose outputs get no gradient)."""
-    z = torch.randn(9, 6, dtype=F64, requires_grad=True)
-    g = _coefficients(9, 3, "mixed", F64).requires_grad_()
-    _check_terms(cpu, kind, z, g, _params(kind, 3, 7, 6, F64), want, F64)
+    check_terms("cpu", kind, *_terms_case(kind, 9, 6, 7, 3, F64), want, F64)
 
 
-@pytest.mark.parametrize("pattern", ["inactive", "active"])
+@pytest.mark.parametrize("pattern", ["off", "on"])
 @pytest.mark.parametrize("kind", ["potential", "hamiltonian", "mlp"])
 def test_terms_all_off_all_on(cpu, kind, pattern):
-    z = torch.randn(11, 5, dtype=F32, requires_grad=True)
-    g = _coefficients(11, 3, pattern, F32).requires_grad_()
-    out = _check_terms(cpu, kind, z, g, _params(kind, 3, 8, 5, F32), WANT[kind], F32)
-    if pattern == "inactive":
+    out = check_terms("cpu", kind, *_terms_case(kind, 11, 5, 8, 3, F32, pattern), TERMS_WANT[kind], F32)
+    if pattern == "off":
         assert torch.equal(out.velocity, torch.zeros_like(out.velocity))
 
 
 @pytest.mark.parametrize("kind", ["potential", "hamiltonian", "mlp"])
 def test_terms_wide_and_empty(cpu, kind):
     """D = 255 (not a multiple of any vector width) and B = 0."""
-    z = torch.randn(6, 255, dtype=F32, requires_grad=True)
-    g = _coefficients(6, 3, "mixed", F32).requires_grad_()
-    _check_terms(cpu, kind, z, g, _params(kind, 3, 20, 255, F32), WANT[kind], F32)
-    z0 = torch.randn(0, 4, dtype=F32, requires_grad=True)
-    g0 = torch.zeros(0, 2, dtype=F32, requires_grad=True)
-    _check_terms(cpu, kind, z0, g0, _params(kind, 2, 3, 4, F32), WANT[kind], F32)
-
-
-@pytest.mark.parametrize("kind", ["potential", "hamiltonian", "mlp"])
-def test_terms_non_contiguous(cpu, kind):
-    """Non-contiguous z, g, parameters and grad outputs."""
-    B, D, H, K = 8, 6, 5, 3
-    z = torch.randn(D, B, dtype=F64).t().requires_grad_()
-    g = _coefficients(K, 2 * B, "mixed", F64)[:, ::2].t().requires_grad_()
-    assert not z.is_contiguous() and not g.is_contiguous()
-    p = _params(kind, K, H, D, F64)
-    p = type(p)(*[x.detach().transpose(-1, -2).contiguous().transpose(-1, -2).requires_grad_() for x in p])
-    want = WANT[kind]
-    ref = _terms(backends.get_backend("torch"), kind, z, g, p, want)
-    grad_outputs = [None if o is None else torch.randn(*reversed(o.shape), dtype=F64).permute(*reversed(range(o.dim()))) for o in ref]
-    for w in grad_outputs:
-        assert w is None or w.dim() < 2 or not w.is_contiguous()
-    _check_terms(cpu, kind, z, g, p, want, F64, grad_outputs=grad_outputs)
+    check_terms("cpu", kind, *_terms_case(kind, 6, 255, 20, 3, F32), TERMS_WANT[kind], F32)
+    check_terms("cpu", kind, *_terms_case(kind, 0, 4, 3, 2, F32), TERMS_WANT[kind], F32)
 
 
 # ----------------------------------------------------------------------------------------------
-# flow_step end to end: gradients in t and every field parameter
+# flow_step end to end at more shapes than the matrix (cheap here): gradients in every parameter
 # ----------------------------------------------------------------------------------------------
-
-def _bank(D, H, Kp, Kr, rotational, dtype):
-    bank = sta.FieldBank(D, Kp, Kr, H, rotational=rotational).to(dtype)
-    with torch.no_grad():  # non-trivial time dependence, so de/dt and t carry gradients
-        bank.potential.time.weight.normal_(0, 0.5)
-        bank.rotational.time.weight.normal_(0, 0.5)
-    return bank
-
 
 FLOW_CASES = [  # (D, H, Kp, Kr, rotational)
     (3, 5, 3, 1, "hamiltonian"), (17, 32, 1, 3, "mlp"), (64, 5, 0, 3, "hamiltonian"),
@@ -184,41 +87,24 @@ FLOW_CASES = [  # (D, H, Kp, Kr, rotational)
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=["float32", "float64"])
 @pytest.mark.parametrize("case", FLOW_CASES, ids=[f"D{c[0]}H{c[1]}Kp{c[2]}Kr{c[3]}{c[4]}" for c in FLOW_CASES])
-def test_flow_step_parity(cpu, case, dtype):
+def test_flow_step_shapes(cpu, case, dtype):
     D, H, Kp, Kr, rotational = case
-    B = 9
-    bank = _bank(D, H, Kp, Kr, rotational, dtype)
-    z = torch.randn(B, D, dtype=dtype, requires_grad=True)
-    t = torch.tensor(0.7, dtype=dtype, requires_grad=True)
-    g_pot = _coefficients(B, Kp, "mixed", dtype).requires_grad_()
-    g_rot = _coefficients(B, Kr, "mixed", dtype).requires_grad_()
-    leaves = [z, t, g_pot, g_rot] + list(bank.parameters())
-    names = ["z", "t", "g_pot", "g_rot"] + [n for n, _ in bank.named_parameters()]
-    outs = {}
-    for backend in ("torch", "cpu"):
-        out = sta.flow_step(z, t, g_pot, g_rot, bank, dt=0.3, outputs=ALL, backend=backend)
-        outs[backend] = (out, _grads(_weighted_sum(out), leaves))
-    (e, ge), (a, ga) = outs["torch"], outs["cpu"]
-    for name in ALL:
-        assert_close(getattr(a, name), getattr(e, name), dtype, what=name)
-    for name, x, y in zip(names, ga, ge):
-        assert_close(x, y, dtype, what=f"grad {name}")
+    check_parity("cpu", "flow_step", dtype, rotational, Case(9, D, H, Kp, Kr, "mixed"))
 
 
 def test_flow_step_div_hj_gradients_only(cpu):
     """Gradients through div and hj alone (the log-density and HJ losses of training)."""
-    bank = _bank(7, 9, 3, 2, "mlp", F64)
+    bank = field_bank(7, 9, 3, 2, "mlp", dtype=F64)
     z = torch.randn(10, 7, dtype=F64, requires_grad=True)
-    g_pot = _coefficients(10, 3, "mixed", F64).requires_grad_()
-    g_rot = _coefficients(10, 2, "mixed", F64).requires_grad_()
+    g_pot = coefficients((10, 3), "mixed", F64, signed=True).requires_grad_()
+    g_rot = coefficients((10, 2), "mixed", F64, signed=True).requires_grad_()
     leaves = [z, g_pot, g_rot] + list(bank.parameters())
     res = []
     for backend in ("torch", "cpu"):
         out = sta.flow_step(z, 0.2, g_pot, g_rot, bank, outputs=("div", "hj", "div_rot"), backend=backend)
         loss = out.div.square().sum() + out.hj.square().sum() + out.div_rot.sum()
-        res.append(_grads(loss, leaves))
-    for x, y in zip(res[1], res[0]):
-        assert_close(x, y, F64, what="grad via div/hj")
+        res.append(grads(loss, leaves))
+    assert_all_close(res[1], res[0], range(len(leaves)), F64, what="grad via div/hj of input ")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -228,10 +114,10 @@ def test_flow_step_div_hj_gradients_only(cpu):
 def _op_samples(dtype=F64):
     B, D, H, K = 5, 4, 3, 3
     z = torch.randn(B, D, dtype=dtype, requires_grad=True)
-    g = _coefficients(B, K, "mixed", dtype).requires_grad_()
-    pp = _params("potential", K, H, D, dtype)
-    hp = _params("hamiltonian", K, H, D, dtype)
-    mp = _params("mlp", K, H, D, dtype)
+    g = coefficients((B, K), "mixed", dtype, signed=True).requires_grad_()
+    pp = term_params("potential", K, H, D, dtype)
+    hp = term_params("hamiltonian", K, H, D, dtype)
+    mp = term_params("mlp", K, H, D, dtype)
     C = torch.randn(K, H, H, dtype=dtype, requires_grad=True)
     P = torch.randn(K, D, H, dtype=dtype, requires_grad=True)
 
@@ -283,8 +169,8 @@ def test_opcheck(cpu, op):
 
 def test_double_backward_raises(cpu):
     z = torch.randn(4, 3, dtype=F64, requires_grad=True)
-    g = _coefficients(4, 2, "active", F64)
-    p = _params("potential", 2, 5, 3, F64)
+    g = coefficients((4, 2), "on", F64, signed=True)
+    p = term_params("potential", 2, 5, 3, F64)
     div = cpu.potential_terms(z, g, p, ("div",)).div
     (gz,) = torch.autograd.grad(div.sum(), z, create_graph=True)
     with pytest.raises(NotImplementedError, match="double backward"):
@@ -294,10 +180,10 @@ def test_double_backward_raises(cpu):
 @pytest.mark.parametrize("rotational", ["hamiltonian", "mlp"])
 def test_torch_compile_fullgraph(cpu, rotational):
     torch._dynamo.reset()
-    bank = _bank(6, 8, 2, 2, rotational, F32)
+    bank = field_bank(6, 8, 2, 2, rotational)
     z = torch.randn(7, 6, requires_grad=True)
-    g_pot = _coefficients(7, 2, "mixed", F32)
-    g_rot = _coefficients(7, 2, "mixed", F32)
+    g_pot = coefficients((7, 2), "mixed", signed=True)
+    g_rot = coefficients((7, 2), "mixed", signed=True)
 
     def step(z, g_pot, g_rot):
         out = sta.flow_step(z, 0.5, g_pot, g_rot, bank, outputs=("z", "div", "hj", "div_rot"), backend="cpu")
@@ -306,12 +192,10 @@ def test_torch_compile_fullgraph(cpu, rotational):
     compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
     eager = step(z, g_pot, g_rot)
     got = compiled(z, g_pot, g_rot)
-    for a, e in zip(got, eager):
-        assert_close(a, e, F32)
-    ge = torch.autograd.grad(sum(o.sum() for o in eager), [z] + list(bank.parameters()))
-    ga = torch.autograd.grad(sum(o.sum() for o in got), [z] + list(bank.parameters()))
-    for a, e in zip(ga, ge):
-        assert_close(a, e, F32)
+    assert_all_close(got, eager, ("z", "div", "hj", "div_rot"), F32)
+    leaves = [z] + list(bank.parameters())
+    assert_all_close(grads(sum(o.sum() for o in got), leaves), grads(sum(o.sum() for o in eager), leaves),
+                     range(len(leaves)), F32, what="grad of input ")
 
 
 # ----------------------------------------------------------------------------------------------
