@@ -2,6 +2,7 @@
 
 The ``gpu`` tests need a CUDA GPU and an extension built with CUDA; elsewhere only the
 availability reporting is checked (the kernels are compile-checked by tests/test_cuda_compile.py).
+Sparsity patterns, B = 0, odd D and float64 are in the cross-backend matrix (tests/test_parity.py).
 """
 import pytest
 import torch
@@ -9,6 +10,7 @@ import torch
 from sta import FieldBank
 from sta.backends import BackendUnavailableError, get_backend
 from sta.ops import flow_step
+from tests.parity import Case, check_parity, coefficients
 from tests.tolerances import assert_close
 
 OUTPUTS = ("z", "div", "hj", "div_rot", "curl", "u")
@@ -28,57 +30,13 @@ def test_cuda_backend_registers_and_explains():
             flow_step(z, 0.0, torch.ones(4, 2), torch.ones(4, 2), fields, backend="cuda")
 
 
-def _sparse(B, K, active, device, dtype):
-    """(B, K) coefficients with exactly `active` non-zeros per row."""
-    idx = torch.rand(B, K, device=device).argsort(1)[:, :active]
-    g = torch.zeros(B, K, device=device, dtype=dtype)
-    return g.scatter(1, idx, torch.rand(B, active, device=device, dtype=dtype) + 0.5)
-
-
-def _step(z, g_pot, g_rot, fields, backend, outputs=OUTPUTS):
-    return flow_step(z, 0.3, g_pot, g_rot, fields, dt=0.5, outputs=outputs, backend=backend)
-
-
-def _loss(out):
-    return sum((t * torch.linspace(0.5, 1.5, t.numel(), device=t.device, dtype=t.dtype).view(t.shape)).sum()
-               for t in out if t is not None and t.numel())
-
-
 @pytest.mark.gpu
 @pytest.mark.parametrize("rotational", ["hamiltonian", "mlp"])
 @pytest.mark.parametrize("shape", [(37, 13, 3, 3, 24, 2), (128, 226, 5, 5, 226, 2), (5, 7, 2, 0, 9, 1)])
-def test_parity_fp32_forward_backward(rotational, shape):
+def test_parity_fp32_larger_shapes(rotational, shape):
+    """Shapes above the matrix's (tests/test_parity.py), exactly `active` fields per sample."""
     B, D, Kp, Kr, H, active = shape
-    dev = torch.device("cuda")
-    fields = FieldBank(D, Kp, Kr, H, rotational=rotational).to(dev)
-    z = torch.randn(B, D, device=dev, requires_grad=True)
-    g_pot = _sparse(B, Kp, min(active, Kp), dev, torch.float32).requires_grad_()
-    g_rot = _sparse(B, Kr, min(active, Kr), dev, torch.float32).requires_grad_() if Kr else None
-    inputs = [z, g_pot] + ([g_rot] if Kr else []) + list(fields.parameters())
-    results = {}
-    for backend in ("torch", "cuda"):
-        out = _step(z, g_pot, g_rot, fields, backend)
-        grads = torch.autograd.grad(_loss(out), inputs, allow_unused=True)
-        results[backend] = (out, grads)
-    (ref, ref_g), (got, got_g) = results["torch"], results["cuda"]
-    for name, r, c in zip(OUTPUTS, ref, got):
-        assert_close(c, r, torch.float32, what=f"forward {name}")
-    for i, (r, c) in enumerate(zip(ref_g, got_g)):
-        if r is None:
-            assert c is None or not c.abs().any(), f"gradient {i}"
-        else:
-            assert_close(c, r, torch.float32, what=f"gradient of input {i}")
-
-
-@pytest.mark.gpu
-def test_all_off_and_zero_batch():
-    dev = torch.device("cuda")
-    fields = FieldBank(8, 3, 3, 16).to(dev)
-    z = torch.randn(6, 8, device=dev)
-    out = _step(z, torch.zeros(6, 3, device=dev), torch.zeros(6, 3, device=dev), fields, "cuda")
-    assert torch.equal(out.z, z) and not out.div.any() and not out.hj.any()
-    out = _step(z[:0], torch.zeros(0, 3, device=dev), torch.zeros(0, 3, device=dev), fields, "cuda")
-    assert out.z.shape == (0, 8)
+    check_parity("cuda", "flow_step", torch.float32, rotational, Case(B, D, H, Kp, Kr, active))
 
 
 @pytest.mark.gpu
@@ -87,8 +45,9 @@ def test_low_precision_is_declined_with_reason(dtype):
     dev = torch.device("cuda")
     fields = FieldBank(8, 2, 2, 16).to(dev, dtype)
     z = torch.randn(4, 8, device=dev, dtype=dtype)
+    g = torch.ones(4, 2, device=dev, dtype=dtype)
     with pytest.raises(BackendUnavailableError, match="not supported"):
-        _step(z, torch.ones(4, 2, device=dev, dtype=dtype), torch.ones(4, 2, device=dev, dtype=dtype), fields, "cuda")
+        flow_step(z, 0.3, g, g, fields, dt=0.5, outputs=OUTPUTS, backend="cuda")
 
 
 @pytest.mark.gpu
@@ -99,7 +58,7 @@ def test_opcheck():
     dev = torch.device("cuda")
     B, D, K, H = 9, 5, 3, 7
     z = torch.randn(B, D, device=dev, requires_grad=True)
-    g = _sparse(B, K, 2, dev, torch.float32).requires_grad_()
+    g = coefficients((B, K), 2).to(dev).requires_grad_()
     W = torch.randn(K, H, D, device=dev, requires_grad=True)
     c, a, de = (torch.randn(K, H, device=dev, requires_grad=True) for _ in range(3))
     M = torch.randn(K, D, H, device=dev, requires_grad=True)
@@ -118,7 +77,7 @@ def test_cuda_graph_16_steps_matches_eager():
     B, D, K, H = 128, 32, 5, 48
     fields = FieldBank(D, K, K, H).to(dev)
     z0 = torch.randn(B, D, device=dev)
-    gs = [(_sparse(B, K, 2, dev, torch.float32), _sparse(B, K, 2, dev, torch.float32)) for _ in range(16)]
+    gs = [(coefficients((B, K), 2).to(dev), coefficients((B, K), 2).to(dev)) for _ in range(16)]
     ts = [torch.tensor(float(t), device=dev) for t in range(16)]  # no host-to-device copy while capturing
 
     def run(z):

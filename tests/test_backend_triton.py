@@ -4,7 +4,9 @@ conftest.py sets TRITON_INTERPRET=1 on machines without CUDA, before triton is i
 tests run the real kernels on the CPU interpreter (slowly: about 7 ms per program) at small
 shapes; on a CUDA machine the same tests run on the GPU, plus the ``gpu``-marked ones (larger
 shapes, bf16/fp16). Parity is float32 with tests/tolerances.py, forward and backward, for every
-output and every differentiable input.
+output and every differentiable input: the sparsity patterns, B = 0, odd D and non-contiguous
+inputs are in the cross-backend matrix (tests/test_parity.py); here every kept GPU tile, tf32,
+determinism, opcheck, torch.compile and the reasons the backend gives.
 """
 import copy
 
@@ -12,8 +14,9 @@ import pytest
 import torch
 
 import sta
-from sta import backends, reference
+from sta import backends
 from sta.backends import Request
+from tests.parity import F32, Case, assert_all_close, check_parity, coefficients, field_bank, grads, weighted_sum
 from tests.tolerances import assert_close
 
 triton = pytest.importorskip("triton", reason="the triton backend needs triton installed")
@@ -22,10 +25,10 @@ from sta.kernels import configs as kernel_configs  # noqa: E402
 from sta.kernels import flow_step as fs  # noqa: E402
 from sta.kernels import routing  # noqa: E402
 
-pytestmark = pytest.mark.skipif(
-    triton_backend.IMPORT_ERROR is not None, reason=f"triton unusable: {triton_backend.IMPORT_ERROR}")
+pytestmark = [pytest.mark.skipif(triton_backend.IMPORT_ERROR is not None,
+                                 reason=f"triton unusable: {triton_backend.IMPORT_ERROR}"),
+              pytest.mark.usefixtures("one_thread")]
 
-F32 = torch.float32
 #: where the kernels run: the GPU when there is one, else the CPU interpreter
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
@@ -37,164 +40,18 @@ def _on_device():
         yield
 
 BACKEND = triton_backend.TritonFlowStep()
-ALL = sta.OUTPUT_NAMES
-
-
-def _bank(D=5, H=19, Kp=3, Kr=2, rotational="hamiltonian"):
-    bank = sta.FieldBank(D, Kp, Kr, H, rotational=rotational)
-    with torch.no_grad():  # non-trivial time dependence, so de/dt and t carry gradients
-        bank.potential.time.weight.normal_(0, 0.5)
-        bank.rotational.time.weight.normal_(0, 0.5)
-    return bank
-
-
-def _coefficients(B, K, pattern):
-    g = torch.rand(B, K) + 0.5
-    if pattern == "mixed":
-        g = g * (torch.rand(B, K) < 0.5)
-    elif pattern == "inactive":
-        g = g * 0
-    return g
-
-
-def _weighted_sum(outs):
-    """A scalar touching every output with fixed random weights (same weights for both sides)."""
-    gen = torch.Generator().manual_seed(1234)
-    total = 0.0
-    for o in outs:
-        if o is not None and o.requires_grad:
-            # drawn in float32 whatever o's dtype: a float64 run gets the same weights
-            weights = torch.randn(o.shape, generator=gen, device="cpu").to(o.device, o.dtype)
-            total = total + (o * weights).sum()
-    return total
-
-
-def _grads(loss, leaves):
-    if not isinstance(loss, torch.Tensor):
-        return [torch.zeros_like(x) for x in leaves]
-    gs = torch.autograd.grad(loss, leaves, allow_unused=True)
-    return [torch.zeros_like(x) if g is None else g for g, x in zip(gs, leaves)]
-
-
-def _run_step(bank, z, t, g_pot, g_rot, backend):
-    params = list(bank.parameters())
-    out = sta.flow_step(z, t, g_pot, g_rot, bank, dt=0.7, outputs=ALL, backend=backend)
-    grads = _grads(_weighted_sum(out), [z, t, g_pot, g_rot, *params])
-    return out, grads
-
-
-def _compare_step(bank, z, t, g_pot, g_rot):
-    """Triton (float32) against the torch reference run in float64 on the same values, with the
-    float32 tolerance: the reference's own float32 rounding is not charged to the kernel (grad t, a
-    sum over every pair and hidden unit, differed by 8.3e-6 between two float32 runs whose errors
-    against float64 were 3.4e-6 for triton and 4.9e-6 for torch)."""
-    out_k, grads_k = _run_step(bank, z, t, g_pot, g_rot, "triton")
-    bank64 = copy.deepcopy(bank).double()
-    leaves64 = [x.detach().double().requires_grad_(x.requires_grad) for x in (z, t, g_pot, g_rot)]
-    out_r, grads_r = _run_step(bank64, *leaves64, "torch")
-    for name in ALL:
-        assert_close(getattr(out_k, name), getattr(out_r, name), F32, what=name)
-    names = ["z", "t", "g_pot", "g_rot"] + [n for n, _ in bank.named_parameters()]
-    for name, gk, gr in zip(names, grads_k, grads_r):
-        assert_close(gk, gr, F32, what=f"grad {name}")
-    return out_k, grads_k
-
-
-@pytest.mark.parametrize("pattern", ["mixed", "inactive", "active"])
-@pytest.mark.parametrize("rotational", ["hamiltonian", "mlp"])
-def test_flow_step_parity(rotational, pattern):
-    """Every output and the gradient w.r.t. z, t, g_pot, g_rot and every parameter."""
-    bank = _bank(rotational=rotational)
-    B = 9
-    z = torch.randn(B, 5, requires_grad=True)
-    t = torch.tensor(0.6, requires_grad=True)
-    g_pot = _coefficients(B, 3, pattern).requires_grad_()
-    g_rot = _coefficients(B, 2, pattern).requires_grad_()
-    _, grads = _compare_step(bank, z, t, g_pot, g_rot)
-    if pattern == "mixed":  # the gradient w.r.t. a zero coefficient is exactly zero (routing)
-        assert (grads[2][g_pot == 0] == 0).all() and (grads[3][g_rot == 0] == 0).all()
-    if pattern == "inactive":  # nothing evaluated: only the identity part of z_next has a gradient
-        assert all((g == 0).all() for g in grads[1:])
-
-
-@pytest.mark.parametrize("D", [1, 3, 17])
-def test_odd_sizes(D):
-    """Odd D (and H = 17, B = 19: more than one row block per field) for all three field kinds."""
-    B, H = 19, 17
-    for rotational in ("hamiltonian", "mlp"):
-        bank = _bank(D=D, H=H, Kp=2, Kr=2, rotational=rotational)
-        z = torch.randn(B, D, requires_grad=True)
-        t = torch.tensor(1.3, requires_grad=True)
-        g_pot = _coefficients(B, 2, "active").requires_grad_()
-        g_rot = _coefficients(B, 2, "mixed").requires_grad_()
-        _compare_step(bank, z, t, g_pot, g_rot)
-
-
-def test_zero_batch():
-    bank = _bank(D=3, H=4, Kp=2, Kr=1)
-    z = torch.zeros(0, 3, requires_grad=True)
-    t = torch.tensor(0.5, requires_grad=True)
-    g_pot = torch.zeros(0, 2, requires_grad=True)
-    g_rot = torch.zeros(0, 1, requires_grad=True)
-    out, grads = _compare_step(bank, z, t, g_pot, g_rot)
-    assert out.z.shape == (0, 3) and out.div.shape == (0,) and out.hj.shape == (0, 2)
-
-
-@pytest.mark.parametrize("kind", ["potential", "hamiltonian", "mlp"])
-def test_noncontiguous_inputs_and_grad_outputs(kind):
-    """z and g as strided views, gradients of the outputs non-contiguous (expanded / transposed)."""
-    B, D, H, K = 11, 6, 5, 3
-    z = torch.randn(D, 2 * B)[:, ::2].t().requires_grad_()  # (B, D), strides (1, 2B)
-    g_wide = torch.rand(B, 2 * K) * (torch.rand(B, 2 * K) < 0.6)
-    g = g_wide[:, ::2].requires_grad_()
-    assert not z.is_contiguous() and not g.is_contiguous()
-
-    def P(*shape):
-        return (0.5 * torch.randn(*shape)).requires_grad_()
-
-    if kind == "potential":
-        p = reference.PotentialParams(P(K, H, D), P(K, H), P(K, H), P(K, H))
-        want, fn = ("curl", "div", "hj", "u"), "potential_terms"
-    elif kind == "hamiltonian":
-        p = reference.HamiltonianParams(P(K, H, D), P(K, H), P(K, H), P(K, D, H))
-        want, fn = ("curl", "div", "div_rot"), "hamiltonian_terms"
-    else:
-        p = reference.MLPParams(P(K, H, D), P(K, H), P(K, D, H), P(K, D))
-        want, fn = ("div", "div_rot"), "mlp_terms"
-    leaves = [z, g, *p]
-    out_k = getattr(BACKEND, fn)(z, g, p, want)
-    out_r = getattr(reference, fn)(z, g, p, want)
-    gvel = torch.randn(D, B).t()  # transposed
-    gdiv = torch.randn(1).expand(B)  # stride 0
-    gpair = torch.randn(K, B).t()
-    for name in out_r._fields:
-        assert_close(getattr(out_k, name), getattr(out_r, name), F32, what=f"{kind} {name}")
-
-    def backward(out):
-        pairs = [(out.velocity, gvel), (out.div, gdiv)] + [
-            (getattr(out, n), gpair) for n in ("hj", "u", "div_rot", "curl")]
-        outs = [o for o, _ in pairs if o is not None and o.requires_grad]
-        return _grads_from(outs, [gr for o, gr in pairs if o is not None and o.requires_grad], leaves)
-
-    for i, (gk, gr) in enumerate(zip(backward(out_k), backward(out_r))):
-        assert_close(gk, gr, F32, what=f"{kind} grad of input {i}")
-
-
-def _grads_from(outs, grad_outs, leaves):
-    gs = torch.autograd.grad(outs, leaves, grad_outs, allow_unused=True)
-    return [torch.zeros_like(x) if g is None else g for g, x in zip(gs, leaves)]
 
 
 def test_parameter_gradients_are_deterministic():
     """Per-field reductions without atomics: the same inputs give bitwise-equal parameter gradients."""
-    bank = _bank(D=4, H=6, Kp=2, Kr=2)
+    bank = field_bank(4, 6, 2, 2)
     z = torch.randn(40, 4)
-    g_pot = _coefficients(40, 2, "active")
-    g_rot = _coefficients(40, 2, "active")
+    g_pot = coefficients((40, 2), "on")
+    g_rot = coefficients((40, 2), "on")
     runs = []
     for _ in range(2):
         out = sta.flow_step(z, 0.3, g_pot, g_rot, bank, outputs=("z", "div", "hj"), backend="triton")
-        runs.append(_grads(_weighted_sum(out), list(bank.parameters())))
+        runs.append(grads(weighted_sum(out), list(bank.parameters())))
     for a, b in zip(*runs):
         assert torch.equal(a, b)
 
@@ -243,10 +100,10 @@ def test_torch_compile_fullgraph(rotational):
     """
     # the plugin registry is loaded once, under a lock dynamo cannot trace: load it eagerly
     backends.all_backends()
-    bank = _bank(D=4, H=5, Kp=2, Kr=2, rotational=rotational)
+    bank = field_bank(4, 5, 2, 2, rotational)
     z = torch.randn(6, 4, requires_grad=True)
-    g_pot = _coefficients(6, 2, "mixed")
-    g_rot = _coefficients(6, 2, "mixed")
+    g_pot = coefficients((6, 2), "mixed")
+    g_rot = coefficients((6, 2), "mixed")
 
     def step(z, g_pot, g_rot):
         out = sta.flow_step(z, 0.4, g_pot, g_rot, bank, outputs=("z", "div", "hj"), backend="triton")
@@ -255,9 +112,8 @@ def test_torch_compile_fullgraph(rotational):
     compiled = torch.compile(step, fullgraph=True)
     got = compiled(z, g_pot, g_rot)
     want = step(z, g_pot, g_rot)
-    for a, b in zip(got, want):
-        assert_close(a, b, F32)
-    assert_close(_grads(_weighted_sum(got), [z])[0], _grads(_weighted_sum(want), [z])[0], F32)
+    assert_all_close(got, want, ("z", "div", "hj"), F32)
+    assert_close(grads(weighted_sum(got), [z])[0], grads(weighted_sum(want), [z])[0], F32, what="grad z")
 
 
 # -- GPU only (never run on the CPU interpreter: bf16 does not run there, large shapes are slow) --
@@ -266,13 +122,7 @@ def test_torch_compile_fullgraph(rotational):
 @pytest.mark.parametrize("rotational", ["hamiltonian", "mlp"])
 def test_gpu_parity_many_blocks(rotational):
     """Several row blocks per field, H and D above one tile, mixed sparsity: fp32 parity on the GPU."""
-    bank = _bank(D=70, H=100, Kp=4, Kr=3, rotational=rotational)
-    B = 300
-    z = torch.randn(B, 70, requires_grad=True)
-    t = torch.tensor(0.6, requires_grad=True)
-    g_pot = _coefficients(B, 4, "mixed").requires_grad_()
-    g_rot = _coefficients(B, 3, "mixed").requires_grad_()
-    _compare_step(bank, z, t, g_pot, g_rot)
+    check_parity("triton", "flow_step", F32, rotational, Case(300, 70, 100, 4, 3, "mixed"))
 
 
 @pytest.mark.gpu
@@ -281,11 +131,11 @@ def test_gpu_low_precision(dtype):
     """flash-attention rule: the kernel's error vs float64 is at most 2x the reference's in dtype."""
     from tests.tolerances import assert_low_precision
 
-    bank64 = _bank(D=40, H=48, Kp=3, Kr=2).double()
+    bank64 = field_bank(40, 48, 3, 2, dtype=torch.float64)
     B = 200
     z64 = torch.randn(B, 40, dtype=torch.float64)
-    gp64 = _coefficients(B, 3, "mixed").double()
-    gr64 = _coefficients(B, 2, "mixed").double()
+    gp64 = coefficients((B, 3), "mixed", torch.float64)
+    gr64 = coefficients((B, 2), "mixed", torch.float64)
     low = copy.deepcopy(bank64).to(dtype)
     outs = ("z", "div", "hj", "u", "curl")
     ref64 = sta.flow_step(z64, 0.5, gp64, gr64, bank64, outputs=outs, backend="torch")
@@ -373,15 +223,10 @@ def test_every_kept_config_parity(tile, monkeypatch):
     curl) and mlp fields in alternate cases (the interpreter is slow)."""
     bh, bd, block_m = tile
     monkeypatch.setattr(routing, "block_m_for", lambda rows: block_m)  # what route calls
-    B = block_m + 3  # the first field spans two row blocks
     rotational = "mlp" if sorted(KEPT).index(tile) % 2 else "hamiltonian"
-    bank = _bank(D=5, H=19, Kp=2, Kr=2, rotational=rotational)
-    z = torch.randn(B, 5, requires_grad=True)
-    t = torch.tensor(0.4, requires_grad=True)
-    g_pot = _coefficients(B, 2, "active").requires_grad_()
-    g_rot = _coefficients(B, 2, "mixed").requires_grad_()
+    case = Case(block_m + 3, 5, 19, 2, 2, ("on", "mixed"))  # the first field spans two row blocks
     with kernel_launch.forced_config(KEPT[tile]):
-        _compare_step(bank, z, t, g_pot, g_rot)
+        check_parity("triton", "flow_step", F32, rotational, case)
 
 
 def test_pruning_sizes_tiles_by_live_tiles():
@@ -431,23 +276,9 @@ def test_tf32_emulation(rotational, monkeypatch):
     float64 reference for every output and gradient, and that the rounding really ran (the error
     is above fp32 parity). It checks the numerics of TF32 products in these kernels, not the
     GPU's TF32 instructions (tests/test_triton_aot.py compiles those)."""
-    bank = _bank(rotational=rotational)
-    B = 9
-    z = torch.randn(B, 5, requires_grad=True)
-    t = torch.tensor(0.6, requires_grad=True)
-    g_pot = _coefficients(B, 3, "mixed").requires_grad_()
-    g_rot = _coefficients(B, 2, "mixed").requires_grad_()
     monkeypatch.setattr(fs, "precision_for", lambda dtype: "tf32_emulated")
-    out_k, grads_k = _run_step(bank, z, t, g_pot, g_rot, "triton")
-    bank64 = copy.deepcopy(bank).double()
-    leaves64 = [x.detach().double().requires_grad_() for x in (z, t, g_pot, g_rot)]
-    out_r, grads_r = _run_step(bank64, *leaves64, "torch")
-    worst = 0.0
-    for name in ALL:
-        assert_close(getattr(out_k, name), getattr(out_r, name), tol=TF32, what=f"tf32 {name}")
-        worst = max(worst, max_rel_error(getattr(out_k, name), getattr(out_r, name)))
-    for i, (gk, gr) in enumerate(zip(grads_k, grads_r)):
-        assert_close(gk, gr, tol=TF32, what=f"tf32 grad {i}")
+    res = check_parity("triton", "flow_step", F32, rotational, "mixed", tol=TF32)
+    worst = max(max_rel_error(a, e) for a, e in zip(res.got, res.want))
     assert worst > 10 * 1e-5, "the tf32 rounding hook did not change the products"
 
 
@@ -475,9 +306,9 @@ def deterministic():
 def test_deterministic_mode_refuses_atomics(deterministic):
     """torch.use_deterministic_algorithms(True): the forced backend refuses with the setting's name,
     auto picks another backend, and the launcher itself refuses; warn_only runs and warns."""
-    bank = _bank(D=3, H=4, Kp=2, Kr=1)
+    bank = field_bank(3, 4, 2, 1)
     z = torch.randn(4, 3)
-    g_pot, g_rot = _coefficients(4, 2, "active"), _coefficients(4, 1, "active")
+    g_pot, g_rot = coefficients((4, 2), "on"), coefficients((4, 1), "on")
     deterministic(True)
     reasons = BACKEND.why_not(_request())
     assert any("torch.use_deterministic_algorithms(True)" in r for r in reasons)
