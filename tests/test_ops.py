@@ -9,17 +9,15 @@ import torch
 
 import sta
 from sta import backends
+from tests.parity import field_bank, require
 from tests.tolerances import assert_close, assert_same_nonfinite
 
 ALL = sta.OUTPUT_NAMES
 
 
 def _bank(D=4, H=3, Kp=2, Kr=2, rotational="hamiltonian", rank=None, dtype=torch.float64):
-    bank = sta.FieldBank(D, Kp, Kr, H, rotational=rotational, rank=rank).to(dtype)
-    with torch.no_grad():
-        bank.potential.time.weight.normal_(0, 0.5)
-        bank.rotational.time.weight.normal_(0, 0.5)
-    return bank
+    """This file's default bank (float64, tiny)."""
+    return field_bank(D, H, Kp, Kr, rotational, rank, dtype)
 
 
 def _step_fn(bank, outputs, backend="torch"):
@@ -226,15 +224,13 @@ def test_bad_input_names_the_argument(change, error, argument):
 # Non-finite policy (flow_step docstring): the same on every backend that runs on this machine.
 # ---------------------------------------------------------------------------------------------
 
-CPU_BACKENDS = ("torch", "cpu", "triton")  # triton: the interpreter (tests/conftest.py)
+#: every registered backend that takes CPU tensors (triton: the interpreter, tests/conftest.py)
+CPU_BACKENDS = [name for name in backends.BACKEND_NAMES if backends.get_backend(name).device_type in (None, "cpu")]
 NAN, INF = float("nan"), float("inf")
 
 
 def _require(backend, dtype=torch.float32):
-    request = backends.Request("flow_step", torch.device("cpu"), dtype, requires_grad=True)
-    reasons = backends.get_backend(backend).why_not(request)
-    if reasons:
-        pytest.skip(f"{backend} cannot run here: " + "; ".join(reasons))
+    require(backend, "flow_step", dtype, torch.device("cpu"))
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
