@@ -3,7 +3,7 @@
 Every backend of the registry (:mod:`sta.backends`) other than the ``torch`` reference is checked
 against the reference, for every op of :data:`OPS`, in every dtype the backend declares, for every
 field construction of :data:`CONSTRUCTIONS` and every case of :data:`CASES` (all-off / mixed /
-all-on sparsity, B = 0, odd D, an empty bank): forward outputs and the gradient of a weighted sum
+all-on sparsity, B = 0, odd D, no potential or no rotational field): forward outputs and the gradient of a weighted sum
 of them with respect to every input and every field parameter. tests/test_parity.py runs the
 matrix; a new backend gets it by being registered, a new op by one :data:`OPS` entry.
 
@@ -257,6 +257,8 @@ def _flow_path_inputs(case, rotational, rank, dtype):
 
 def _flow_path_run(inputs, backend):
     x = inputs.leaves
+    # an mlp field's curl is a diagnostic every backend takes from the reference's explicit
+    # Jacobians (checked once per step by flow_step); over a path it only adds time
     outputs = ALL if inputs.fields.rotational.construction != "mlp" else tuple(o for o in ALL if o != "curl")
     return sta.flow_path(x["z0"], x.get("t", PATH_T0), x["g_pot"], x["g_rot"], inputs.fields, dt=0.3,
                          outputs=outputs, backend=backend)
