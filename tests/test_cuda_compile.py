@@ -4,7 +4,7 @@
   the flags of the real build (:func:`sta._build.nvcc_flags`), without register spills; the
   registers of every kernel (``-Xptxas -v``) are in the test's captured output, shown with
   ``pytest -s`` or ``-rA`` and on a failure, never between the dots of ``pytest -q``;
-* the ``.cu`` files include only CUDA runtime headers, the standard library, ``flow_math.h`` and
+* the ``.cu`` files include only CUDA runtime headers, the standard library, ``flow_math.h`` / ``grid_math.h`` and
   their own headers; the torch binding (``csrc/cuda/*.cpp``) includes no CUDA headers at all and
   compiles against the installed torch (a CPU wheel here) with g++.
 
@@ -52,12 +52,12 @@ def test_cuda_sources_exist():
 
 @pytest.mark.parametrize("path", CU_FILES, ids=lambda p: p.name)
 def test_cu_includes_only_cuda_runtime_and_flow_math(path):
-    own = {p.name for p in CUDA_DIR.glob("*.h")} | {"flow_math.h", "../flow_math.h"}
+    own = {p.name for p in CUDA_DIR.glob("*.h")} | {"flow_math.h", "../flow_math.h", "grid_math.h", "../grid_math.h"}
     for header in _includes(path):
         is_std = "/" not in header and "." not in header  # <cstdint>, <cmath>, ...
         assert header in _CUDA_HEADERS or header in own or is_std, (
             f"{path.name} includes {header!r}: the .cu files may include only CUDA runtime headers, the "
-            f"C++ standard library and flow_math.h, so they compile with plain nvcc against any torch")
+            f"C++ standard library and flow_math.h / grid_math.h, so they compile with plain nvcc against any torch")
 
 
 @pytest.mark.parametrize("path", BINDING_FILES, ids=lambda p: p.name)

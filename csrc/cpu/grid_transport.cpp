@@ -21,7 +21,7 @@
 #if defined(__GNUC__) && !defined(__clang__)
 #pragma GCC optimize("no-trapping-math")
 #endif
-#include "../flow_math.h"
+#include "../grid_math.h"
 
 namespace {
 

@@ -7,7 +7,7 @@
 
 #include <cstdint>
 
-#include "../flow_math.h"
+#include "../grid_math.h"
 
 namespace {
 
