@@ -106,7 +106,7 @@ def run_one(name: str, seed: int, dataset: str, preset_name: str, steps, runs: s
     start = time.perf_counter()
     result = evaluate(out)
     eval_s = time.perf_counter() - start
-    row = result_row(name, seed, dataset, preset_name, result, train_s, eval_s, threads)
+    row = dict(result_row(name, seed, dataset, preset_name, result, train_s, eval_s, threads), git=git_sha())
     print({k: row[k] for k in ("model", "seed", "equivariance_error", "identification_accuracy", "train_s")},
           flush=True)
     with open(done + ".tmp", "w") as f:
@@ -150,7 +150,8 @@ def main(argv=None) -> int:
     rows, start = [], time.perf_counter()
 
     def finished(row):
-        rows.append({**row, **provenance})
+        # a reused run keeps the git sha it was trained at
+        rows.append({**row, **{k: v for k, v in provenance.items() if k not in row}})
         rows.sort(key=lambda r: (args.models.index(r["model"]), r["seed"]))
         wall_s = round(time.perf_counter() - start, 1)
         with open(base + ".csv.tmp", "w", newline="") as f:
