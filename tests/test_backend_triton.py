@@ -92,6 +92,7 @@ def test_opcheck(kind):
     torch.library.opcheck(torch.ops.sta.triton_flow_step_bwd.default, (*grads_out, *inputs))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("rotational", ["mlp"])
 def test_torch_compile_fullgraph(rotational):
     """flow_step with backend="triton" compiles as one graph (the op is opaque, its fake gives shapes).

@@ -44,6 +44,7 @@ def _num(row, key):
     return float(row[key])
 
 
+@pytest.mark.slow
 def test_quick_run_measures_every_provider(quick_run):
     rows, _, _ = quick_run
     step = [r for r in rows if r["section"] == "step"]
@@ -62,6 +63,7 @@ def test_quick_run_measures_every_provider(quick_run):
         assert r["git_sha"] and r["torch"] == torch.__version__ and "cpus" in r["machine"]
 
 
+@pytest.mark.slow
 def test_quick_run_errors_are_small_for_exact_providers(quick_run):
     rows, _, _ = quick_run
     rtol = PARITY[torch.float32][0]
@@ -73,6 +75,7 @@ def test_quick_run_errors_are_small_for_exact_providers(quick_run):
             assert _num(r, "err_grad") < rtol, r
 
 
+@pytest.mark.slow
 def test_quick_run_authors_quantity_is_not_the_divergence(quick_run):
     """In the run itself: the authors' div is far from the float64 divergence, z is not."""
     rows, _, _ = quick_run
@@ -83,6 +86,7 @@ def test_quick_run_authors_quantity_is_not_the_divergence(quick_run):
         assert _num(r, "err_div") > 0.05 and _num(r, "div_rel_med") > 0.05, r
 
 
+@pytest.mark.slow
 def test_quick_run_sweep_and_outputs(quick_run):
     rows, out, stdout = quick_run
     sweep = [r for r in rows if r["section"] == "sweep"]

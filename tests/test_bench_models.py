@@ -9,6 +9,7 @@ import pytest
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("jobs", [1, 2])
 def test_bench_models_writes_a_row_per_model_and_seed(tmp_path, jobs):
     env = dict(os.environ, OMP_NUM_THREADS="1")
@@ -74,6 +75,7 @@ def test_verdict_needs_both_paired_intervals_to_exclude_zero():
     assert "sta higher by 0.3000" in higher and "**Supported**" in higher
 
 
+@pytest.mark.slow
 def test_summarize_rewrites_the_markdown_from_a_csv(tmp_path):
     rows = _rows([0.050, 0.051, 0.049], [0.060, 0.062, 0.059])
     path = tmp_path / "models_digits.csv"
@@ -89,6 +91,7 @@ def test_summarize_rewrites_the_markdown_from_a_csv(tmp_path):
     assert "| linear | 0.0600 | 0.0620 | 0.0590 |" in md
 
 
+@pytest.mark.slow
 def test_bench_models_rejects_bad_jobs(tmp_path):
     proc = subprocess.run([sys.executable, os.path.join(REPO, "benchmarks", "bench_models.py"), "--jobs", "0"],
                           capture_output=True, text=True, timeout=120)

@@ -34,6 +34,7 @@ def test_bench_train_writes_rows_and_phase_split(tmp_path):
     assert "| paper (D 324, K 3, H 64) | 2 | fast |" in md and "1.00x" in md
 
 
+@pytest.mark.slow
 def test_bench_train_rejects_bad_reps():
     proc = subprocess.run([sys.executable, SCRIPT, "--reps", "0"], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "--reps" in proc.stderr

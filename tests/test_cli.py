@@ -47,6 +47,7 @@ def quick_run(tmp_path_factory):
     return cwd, cwd / "run", result
 
 
+@pytest.mark.slow
 def test_train_writes_config_metrics_and_checkpoint(quick_run):
     cwd, run, result = quick_run
     assert result.stdout.splitlines()[0] == "run directory: run"  # first, so the run can be watched
@@ -65,6 +66,7 @@ def test_train_writes_config_metrics_and_checkpoint(quick_run):
     assert not [f for f in os.listdir(run / "checkpoints") if f != "last.pt"], "temp files left behind"
 
 
+@pytest.mark.slow
 def test_evaluate_then_plot(quick_run):
     cwd, run, _ = quick_run
     result = sta("evaluate", "run", "--iw-samples", "4", cwd=cwd)
@@ -88,6 +90,7 @@ def test_evaluate_then_plot(quick_run):
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
 
 
+@pytest.mark.slow
 def test_console_script_and_run_command(tmp_path):
     """``sta run`` (train + evaluate + plot) through the installed console script when present."""
     exe = shutil.which("sta")
@@ -180,6 +183,7 @@ BAD = [
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("args,message", [BAD[0], BAD[1], BAD[10]], ids=["preset", "steps", "run_dir"])
 def test_bad_configs_exit_with_one_line_in_a_process(args, message, tmp_path):
     """The three cases of the issue through a real process: exit status and stderr as a user sees them."""
@@ -277,6 +281,7 @@ def test_plot_every_model(overrides, transport, tmp_path, monkeypatch):
     assert ("latent_flows.png" in written) == ("static" not in overrides[0])
 
 
+@pytest.mark.slow
 def test_plot_titles_name_the_matched_transformations_and_scale_arrows(tmp_path, monkeypatch):
     """latent_flows.png titles name the transformation eval.json matched to each field (none when
     eval.json is stale), its arrows span ~a grid cell, and the grid-transport figure carries a colour

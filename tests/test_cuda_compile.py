@@ -96,6 +96,7 @@ def _demangle(names: list[str]) -> dict[str, str]:
     return dict(zip(names, out)) if len(out) == len(names) else {n: n for n in names}
 
 
+@pytest.mark.slow
 @needs_nvcc
 @pytest.mark.parametrize("path", CU_FILES, ids=lambda p: p.name)
 def test_cu_compiles_for_sm80_sm90_without_spills(path, tmp_path):
@@ -159,6 +160,7 @@ def _cxx():
     return os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(_cxx() is None, reason="no C++ compiler (g++/c++) found")
 @pytest.mark.parametrize("path", BINDING_FILES, ids=lambda p: p.name)
 def test_binding_compiles_against_installed_torch(path):

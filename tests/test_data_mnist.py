@@ -75,6 +75,7 @@ def test_split_is_by_source_image():
     assert not any(pixels[i].numpy().tobytes() in train_images for i in test.tolist())
 
 
+@pytest.mark.slow
 def test_pure_rotation_step_rotates():
     ds = make_dataset("mnist", num_sequences=40, T=4, single=True, seed=2)
     steps = _pure_steps(ds, 1)[:4]

@@ -166,6 +166,7 @@ def test_flow_step_agrees_with_torch_on_every_backend(data):
         assert all(bool(torch.isfinite(g).all()) for g in want_grads)
 
 
+@pytest.mark.slow
 @fuzz(40)
 @given(data=st.data())
 def test_flow_step_invalid_input_names_the_argument(data):
@@ -239,6 +240,7 @@ def test_sparse_flow_layer_invalid_input_names_the_argument(data):
 # FieldBank
 # ----------------------------------------------------------------------------------------------
 
+@pytest.mark.slow
 @fuzz(40)
 @given(data=st.data())
 def test_field_bank_invalid_arguments_name_the_argument(data):

@@ -280,6 +280,7 @@ def test_linear_model_translates_and_static_model_stands_still():
         assert torch.equal(static.rollout(z0, g), z0[:, None].expand(3, 4, 6))
 
 
+@pytest.mark.slow
 def test_tiny_model_overfits_one_batch():
     """sta on one batch of 4 binarised digit sequences, 300 Adam steps (see :func:`assert_overfits`)."""
     assert_overfits()

@@ -394,6 +394,7 @@ def test_flow_step_docstring_documents_every_shape():
         assert shape in doc, shape
 
 
+@pytest.mark.slow
 def test_info_runs_and_lists_every_backend():
     env = dict(os.environ)
     res = subprocess.run([sys.executable, "-m", "sta.info"], capture_output=True, text=True, env=env, timeout=300)
@@ -418,6 +419,7 @@ print(float((got - want).abs().max()))
 """
 
 
+@pytest.mark.slow
 def test_first_flow_step_of_a_process_can_be_inside_torch_compile():
     # Regression: the registry and the extension loader took a threading.Lock on first use,
     # which dynamo cannot trace, so fullgraph compilation failed when it came first.

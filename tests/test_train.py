@@ -102,6 +102,7 @@ def reference_run(steps, device, tmp_dir):
     return _REFERENCE[steps, device]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("backend", [b for b in _available_backends() if b != "torch"])
 def test_same_loss_curve_on_every_backend(backend, tmp_path_factory, tmp_path, monkeypatch):
     """The model asks for backend "auto"; STA_BACKEND forces one. A spy on the dispatch records
@@ -151,6 +152,7 @@ def test_backend_choice_is_in_the_config(monkeypatch):
 KILL_STEPS = 60  # tiny preset, checkpoint every 10 steps: ~2 s of training after the first checkpoint
 
 
+@pytest.mark.slow
 def test_sigkill_then_resume_matches_uninterrupted_run(tmp_path):
     reference = train(tiny(steps=KILL_STEPS), str(tmp_path / "reference"), progress=False)
     ref_metrics = read_metrics(str(tmp_path / "reference"))
@@ -470,6 +472,7 @@ def _data_parallel_worker(rank, world, port, run_dir, out_dir):
                os.path.join(out_dir, f"rank{rank}.pt"))
 
 
+@pytest.mark.slow
 def test_two_gloo_processes_keep_identical_parameters(tmp_path):
     import torch.multiprocessing as mp
 
@@ -488,6 +491,7 @@ def test_two_gloo_processes_keep_identical_parameters(tmp_path):
     assert [m["step"] for m in read_metrics(run_dir)] == list(range(1, 13))
 
 
+@pytest.mark.slow
 def test_torchrun_cli_two_processes(tmp_path):
     """The documented launch: ``torchrun --nproc_per_node=2 -m sta train`` (gloo on the CPU); rank 0
     writes one run directory whose checkpoint holds both ranks' RNG states."""
