@@ -53,6 +53,7 @@ def test_grid_ops_under_cpu_bf16_autocast(backend, one_thread):
     assert moved.dtype == torch.float32 and abs(float(moved.sum()) - 1.0) < 1e-5
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("compiler", ["inductor", "aot_eager"])
 def test_compiled_layer_matches_eager_for_changing_t_dt_and_batch(compiler, one_thread):
     """backend "cpu" (a registered op; the pure-PyTorch reference gathers data-dependent row sets,
@@ -71,6 +72,7 @@ def test_compiled_layer_matches_eager_for_changing_t_dt_and_batch(compiler, one_
             assert_close(logq_comp, logq_eager, tol=PARITY[torch.float32], what=f"logq B={B} t={t} dt={dt}")
 
 
+@pytest.mark.slow
 def test_compiled_layer_does_not_recompile_per_time_or_batch(one_thread):
     """A float t that changes at every call, and changing batch sizes: one graph specialised on the
     first call, then symbolic t, then symbolic batch size -- no recompilation per value."""

@@ -24,6 +24,7 @@ def test_layer_matches_flow_step_and_carries_logq():
         layer(z, 0.1, g_pot, g_rot, torch.zeros(3, dtype=torch.float64))
 
 
+@pytest.mark.slow
 def test_layer_trains_in_a_loop():
     """The README quickstart in miniature: the loss goes down and every parameter gets a gradient."""
     torch.manual_seed(0)
