@@ -32,7 +32,10 @@ def _load_bench():
 @pytest.fixture(scope="module")
 def quick_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench") / "cpu.csv"
+    # --slow-call-s / --max-call-s high: on a loaded machine a call's time estimate can pass the
+    # defaults, and the provider would then be timed once or skipped instead of measured
     res = subprocess.run([sys.executable, SCRIPT, "--quick", "--device", "cpu", "--providers", *PROVIDERS,
+                          "--slow-call-s", "600", "--max-call-s", "600",
                           "--out", str(out)], capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     with open(out) as f:
