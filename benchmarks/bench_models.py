@@ -12,6 +12,12 @@ model on the seeds it finished.
     python benchmarks/bench_models.py --seeds 0 --steps 200 --models sta static   # a shorter look
     python benchmarks/bench_models.py --dataset mnist --seeds 0 1 2 3 4 --resume  # continue a cut-short bench
     python benchmarks/bench_models.py --summarize benchmarks/results/models_digits.csv   # rebuild the .md
+    python benchmarks/bench_models.py --models sta --variant "floor=model.spike_floor=0.01" \
+        --name spike_floor_digits       # an ablation: sta against sta with one setting changed
+
+A variant (``--variant LABEL=KEY=VALUE[;KEY=VALUE...]``, repeatable) is a model of its own in the
+tables, named LABEL: sta (or the kind its overrides set with ``model.model=...``) trained with the
+``sta train --set`` overrides given, on the same seeds, and compared per seed with plain sta.
 
 Runs go two at a time by default (``--jobs 2``, one torch thread each): on 2 CPU cores that is
 about 1.7x the throughput of one run with two threads. Run directories go to --runs (default
@@ -52,8 +58,10 @@ _ORDER = ("dense", "sta", "linear", "slowvae", "static", "betavae")
 
 
 def result_row(name: str, seed: int, dataset: str, preset_name: str, result: dict, train_s: float, eval_s: float,
-               threads: int) -> dict:
-    """The CSV row of one finished run from its evaluation (``sta.evaluate`` result / eval.json)."""
+               threads: int, overrides: tuple = (), evaluated=None) -> dict:
+    """The CSV row of one finished run from its evaluation (``sta.evaluate`` result / eval.json);
+    ``overrides``: a variant's ``--set`` overrides, ``evaluated``: the run's mean fraction of
+    evaluated flow pairs (None for kinds without fields)."""
     per = result["equivariance_error_per_transformation"]
 
     def rounded(value, digits):
@@ -77,18 +85,46 @@ def result_row(name: str, seed: int, dataset: str, preset_name: str, result: dic
         "train_s": round(train_s, 1),
         "eval_s": round(eval_s, 1),
         "threads": threads,
+        "pairs_evaluated": rounded(evaluated, 4),
+        "overrides": ";".join(overrides),
     }
     return row
 
 
+def mean_logged(run_dir: str, key: str) -> Optional[float]:
+    """The mean of ``key`` over a run's logged steps (metrics.jsonl), None when it is never logged."""
+    values = []
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        for line in f:
+            value = json.loads(line).get(key)
+            if value is not None:
+                values.append(value)
+    return statistics.mean(values) if values else None
+
+
+def parse_variant(text: str) -> tuple:
+    """``"LABEL=KEY=VALUE;KEY=VALUE"`` -> ``(LABEL, (KEY=VALUE, ...))`` (ValueError naming --variant)."""
+    label, sep, rest = text.partition("=")
+    overrides = tuple(item.strip() for item in rest.split(";") if item.strip())
+    if not sep or not label or not overrides or not all("=" in o for o in overrides):
+        raise ValueError(f"--variant: expected LABEL=KEY=VALUE[;KEY=VALUE...], got {text!r}")
+    if label in MODELS or not label.replace("-", "").replace("_", "").replace(".", "").isalnum():
+        raise ValueError(f"--variant: the label {label!r} must be a new name of letters, digits, '-', '_', '.'")
+    return label, overrides
+
+
 def run_one(name: str, seed: int, dataset: str, preset_name: str, steps, runs: str, threads: int,
-            resume: bool = False) -> dict:
-    """Train and evaluate one (model, seed); returns its CSV row. With ``resume``, a run directory
-    that already holds a finished run of the same configuration (its ``bench.json``) is reused."""
+            resume: bool = False, variant: tuple = ()) -> dict:
+    """Train and evaluate one (model, seed); returns its CSV row. ``name`` is a kind, or a variant's
+    label with its overrides in ``variant`` (applied last, on top of kind sta). With ``resume``, a
+    run directory that already holds a finished run of the same configuration (its ``bench.json``)
+    is reused."""
     torch.set_num_threads(threads)
-    overrides = [f'model.model="{name}"', f'dataset="{dataset}"', f"seed={seed}", f"threads={threads}"]
+    kind = "sta" if variant else name
+    overrides = [f'model.model="{kind}"', f'dataset="{dataset}"', f"seed={seed}", f"threads={threads}"]
     if steps is not None:
         overrides.append(f"steps={steps}")
+    overrides += list(variant)
     config = apply_overrides(preset(preset_name), overrides)
     out = os.path.join(runs, f"{name}-s{seed}")
     done = os.path.join(out, "bench.json")
@@ -106,7 +142,8 @@ def run_one(name: str, seed: int, dataset: str, preset_name: str, steps, runs: s
     start = time.perf_counter()
     result = evaluate(out)
     eval_s = time.perf_counter() - start
-    row = dict(result_row(name, seed, dataset, preset_name, result, train_s, eval_s, threads), git=git_sha())
+    row = dict(result_row(name, seed, dataset, preset_name, result, train_s, eval_s, threads, variant,
+                          mean_logged(out, "evaluated")), git=git_sha())
     print({k: row[k] for k in ("model", "seed", "equivariance_error", "identification_accuracy", "train_s")},
           flush=True)
     with open(done + ".tmp", "w") as f:
@@ -127,6 +164,10 @@ def main(argv=None) -> int:
     parser.add_argument("--results", default=os.path.join(HERE, "results"))
     parser.add_argument("--resume", action="store_true",
                         help="reuse the finished runs in --runs (same configuration) instead of retraining them")
+    parser.add_argument("--variant", action="append", default=[], metavar="LABEL=KEY=VALUE[;KEY=VALUE]",
+                        help="also train sta with these `sta train --set` overrides, as model LABEL (repeatable)")
+    parser.add_argument("--name", default=None,
+                        help="results file name without extension (default models_<dataset>)")
     parser.add_argument("--summarize", metavar="CSV", default=None,
                         help="only write the Markdown summary of an existing results CSV (next to it), no training")
     args = parser.parse_args(argv)
@@ -135,24 +176,29 @@ def main(argv=None) -> int:
         return 0
     if args.jobs < 1:
         parser.error(f"--jobs: expected >= 1, got {args.jobs}")
+    try:
+        variants = dict(parse_variant(v) for v in args.variant)
+    except ValueError as err:
+        parser.error(str(err))
+    names = list(args.models) + list(variants)
 
     runs = args.runs or os.path.join(ROOT, "runs", f"bench-{args.dataset}-{args.preset}")
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     threads = max(1, cores // args.jobs)
     # Seed-major: every model's seed 0 first, so that a bench cut short still compares all models;
     # within a seed, slowest first. Results are written after every finished run.
-    tasks = sorted(((m, s) for m in args.models for s in args.seeds),
+    tasks = sorted(((m, s) for m in names for s in args.seeds),
                    key=lambda task: (task[1], _ORDER.index(task[0]) if task[0] in _ORDER else len(_ORDER)))
     provenance = {"machine": f"{cpu_model()}, {cores} cores", "torch": torch.__version__, "git": git_sha(),
                   "jobs": args.jobs}
     os.makedirs(args.results, exist_ok=True)
-    base = os.path.join(args.results, f"models_{args.dataset}")
+    base = os.path.join(args.results, args.name or f"models_{args.dataset}")
     rows, start = [], time.perf_counter()
 
     def finished(row):
         # a reused run keeps the git sha it was trained at
         rows.append({**row, **{k: v for k, v in provenance.items() if k not in row}})
-        rows.sort(key=lambda r: (args.models.index(r["model"]), r["seed"]))
+        rows.sort(key=lambda r: (names.index(r["model"]), r["seed"]))
         wall_s = round(time.perf_counter() - start, 1)
         with open(base + ".csv.tmp", "w", newline="") as f:
             writer = csv.DictWriter(f, fieldnames=list(rows[0]) + ["bench_wall_s"])
@@ -161,7 +207,8 @@ def main(argv=None) -> int:
         os.replace(base + ".csv.tmp", base + ".csv")
         print(f"{len(rows)} of {len(tasks)} runs done ({wall_s / 60:.0f} min): {base}.csv", flush=True)
 
-    arguments = [(m, s, args.dataset, args.preset, args.steps, runs, threads, args.resume) for m, s in tasks]
+    arguments = [(m, s, args.dataset, args.preset, args.steps, runs, threads, args.resume, variants.get(m, ()))
+                 for m, s in tasks]
     if args.jobs == 1:
         for a in arguments:
             finished(run_one(*a))
@@ -286,13 +333,19 @@ def markdown(rows: list, models: list, command: str, wall: str) -> str:
         "",
         "| model | " + " | ".join(label + (f" (chance {float(r0['identification_chance']):.2f})"
                                             if key == "identification_accuracy" else "")
-                                   for key, label, _ in METRICS) + " | train time (s) |",
-        "|---|" + "---:|" * (len(METRICS) + 1),
+                                   for key, label, _ in METRICS) + " | train time (s) | pairs evaluated |",
+        "|---|" + "---:|" * (len(METRICS) + 2),
     ]
     for m in models:
-        col = lambda key: [by[m, s][key] for s in seeds if (m, s) in by]  # noqa: E731
+        col = lambda key: [by[m, s].get(key) for s in seeds if (m, s) in by]  # noqa: E731
+        evaluated = [v for v in col("pairs_evaluated") if _number(v) is not None]
         lines.append(f"| {m} | " + " | ".join(_summary(col(key)) for key, _, _ in METRICS)
-                     + f" | {_summary(col('train_s')).split(' [')[0]} |")
+                     + f" | {_summary(col('train_s')).split(' [')[0]} | "
+                     + (_summary(evaluated).split(" [")[0] if evaluated else "n/a") + " |")
+    variants = {r["model"]: r["overrides"] for r in rows if r.get("overrides")}
+    if variants:
+        lines += ["", "Variants (sta with `sta train --set` overrides): "
+                  + "; ".join(f"`{m}`: `{o}`" for m, o in variants.items()) + "."]
     for key, label in (("equivariance_error", "Equivariance L1 per seed (lower is better)"),
                        ("identification_accuracy", "Identification accuracy per seed")):
         lines += ["", label + ":", "", "| model | " + " | ".join(f"seed {s}" for s in seeds) + " |",
@@ -304,9 +357,9 @@ def markdown(rows: list, models: list, command: str, wall: str) -> str:
             lines.append(f"| {m} | " + " | ".join("n/a" if c is None else f"{c:.4f}" for c in cells) + " |")
     if "sta" in models:
         lines += ["", "Paired per-seed comparisons (sta - baseline; the verdict states only what the intervals support):", ""]
-        for key, label, lower in METRICS[2:4]:
-            for other in models:
-                if other != "sta":
+        for key, label, lower in METRICS[:1] + METRICS[2:4]:
+            for other in models:  # -ELBO paired only against variants (the ablations are about it)
+                if other != "sta" and (key != METRICS[0][0] or other in variants):
                     text = verdict(rows, key, label, lower, "sta", other)
                     if text:
                         lines.append("- " + text)
@@ -323,8 +376,13 @@ def summarize(csv_path: str, out_md: str) -> str:
                                 + [r["model"] for r in rows]))
     seeds = sorted({int(r["seed"]) for r in rows})
     r0 = rows[0]
+    variants = {r["model"]: r["overrides"] for r in rows if r.get("overrides")}
+    kinds = [m for m in models if m not in variants]
     cmd = (f"python benchmarks/bench_models.py --dataset {r0['dataset']} --preset {r0['preset']} "
-           f"--models {' '.join(models)} --seeds {' '.join(map(str, seeds))}"
+           f"--models {' '.join(kinds)} --seeds {' '.join(map(str, seeds))}"
+           + "".join(f' --variant "{m}={o}"' for m, o in variants.items())
+           + (f" --name {os.path.splitext(os.path.basename(csv_path))[0]}"
+              if os.path.basename(csv_path) != f"models_{r0['dataset']}.csv" else "")
            + (f" --jobs {r0['jobs']}" if r0.get("jobs") else ""))
     if "bench_wall_s" in r0 and r0["bench_wall_s"]:
         wall = f"wall time {float(r0['bench_wall_s']) / 60:.0f} min"

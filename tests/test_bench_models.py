@@ -96,3 +96,38 @@ def test_bench_models_rejects_bad_jobs(tmp_path):
     proc = subprocess.run([sys.executable, os.path.join(REPO, "benchmarks", "bench_models.py"), "--jobs", "0"],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "--jobs: expected >= 1" in proc.stderr
+
+
+@pytest.mark.slow
+def test_variant_is_a_model_of_its_own_compared_with_sta(tmp_path):
+    """--variant trains sta with overrides as a model of its own, in the --name file, with the fraction
+    of evaluated pairs (below 1 under a spike floor) and a paired comparison with sta."""
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    env.pop("STA_BACKEND", None)
+    cmd = [sys.executable, os.path.join(REPO, "benchmarks", "bench_models.py"), "--preset", "tiny", "--steps", "4",
+           "--models", "sta", "--variant", "floor=model.spike_floor=0.5", "--seeds", "0", "1", "--jobs", "1",
+           "--name", "ablation", "--runs", str(tmp_path / "runs"), "--results", str(tmp_path / "results")]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    with open(tmp_path / "results" / "ablation.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [(r["model"], r["seed"]) for r in rows] == [("sta", "0"), ("sta", "1"), ("floor", "0"), ("floor", "1")]
+    for r in rows:
+        evaluated = float(r["pairs_evaluated"])
+        if r["model"] == "sta":
+            assert evaluated == 1.0 and r["overrides"] == ""
+        else:  # tiny, untrained: about half the relaxed spikes are below 0.5
+            assert 0.0 < evaluated < 1.0 and r["overrides"] == "model.spike_floor=0.5"
+        config = (tmp_path / "runs" / f"{r['model']}-s{r['seed']}" / "config.json").read_text()
+        assert ('"spike_floor": 0.5' in config) == (r["model"] == "floor")
+    md = (tmp_path / "results" / "ablation.md").read_text()
+    assert "| floor | " in md and "-ELBO / sequence (nats), sta vs floor: " in md
+    assert "`floor`: `model.spike_floor=0.5`" in md and '--variant "floor=model.spike_floor=0.5" --name ablation' in md
+
+
+@pytest.mark.parametrize("text", ["floor", "floor=", "=model.x=1", "sta=model.spike_floor=0.1", "a b=model.x=1",
+                                  "floor=model.spike_floor"])
+def test_bench_models_rejects_bad_variants(text):
+    proc = subprocess.run([sys.executable, os.path.join(REPO, "benchmarks", "bench_models.py"), "--variant", text],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "--variant: " in proc.stderr, proc.stderr

@@ -62,6 +62,9 @@ class ELBOTerms(NamedTuple):
     loss:     recon + kl_weight * kl_scale * (kl_z0 + kl_path + kl_spike + kl_slab) + hj + div (what
               is minimised; kl_weight < 1 only during a KL warm-up, kl_scale = beta for betavae and
               1 otherwise, so loss = nelbo + hj + div after the warm-up for every other kind)
+    evaluated: a diagnostic, not a term: the fraction of (sample, transition, field) pairs the flow
+              evaluates (coefficient != 0); below 1 only with ``spike_floor > 0``. None for kinds
+              without fields.
     """
 
     recon: Tensor
@@ -73,10 +76,11 @@ class ELBOTerms(NamedTuple):
     div: Tensor
     nelbo: Tensor
     loss: Tensor
+    evaluated: Optional[Tensor] = None
 
     def scalars(self) -> dict:
-        """Plain floats, for logging."""
-        return {name: float(value.detach()) for name, value in self._asdict().items()}
+        """Plain floats, for logging (entries that are None are left out)."""
+        return {name: float(value.detach()) for name, value in self._asdict().items() if value is not None}
 
 
 class Initial(NamedTuple):
@@ -92,6 +96,7 @@ class PathTerms(NamedTuple):
     """What a kind's :meth:`STAModel.latent_path` returns, per sequence (not yet batch-averaged).
 
     z: ``(B, T+1, D)``.  kl_path, kl_spike, kl_slab: ``(B,)`` or 0-dim.  hj, div: 0-dim, weighted.
+    evaluated: 0-dim fraction of (sample, transition, field) pairs with a nonzero coefficient, or None.
     """
 
     z: Tensor
@@ -100,6 +105,7 @@ class PathTerms(NamedTuple):
     kl_slab: Tensor
     hj: Tensor
     div: Tensor
+    evaluated: Optional[Tensor] = None
 
 
 class STAModel(nn.Module):
@@ -236,7 +242,8 @@ class STAModel(nn.Module):
         kl_spike, kl_slab = _mean(path.kl_spike), _mean(path.kl_slab)
         kl = kl_z0 + kl_path + kl_spike + kl_slab
         loss = recon + (kl_weight * self.kl_scale) * kl + path.hj + path.div
-        return ELBOTerms(recon, kl_z0, kl_path, kl_spike, kl_slab, path.hj, path.div, recon + kl, loss)
+        return ELBOTerms(recon, kl_z0, kl_path, kl_spike, kl_slab, path.hj, path.div, recon + kl, loss,
+                         path.evaluated)
 
     def latent_path(self, x: Tensor, initial: Initial, temperature: float, slab: bool, generator) -> PathTerms:
         """The kind's posterior path for ``x: (B, T+1, C, S, S)`` from ``initial`` (q(z_0|x_0), its
@@ -336,9 +343,11 @@ class CoefficientModel(STAModel):
         coefficient_spikes = spikes
         if c.spike_floor > 0:  # sparse training: pairs below the floor are exact zeros, never evaluated
             coefficient_spikes = torch.where(spikes < c.spike_floor, torch.zeros_like(spikes), spikes)
-        z, kl_flow, hj, div = self.transport(initial.z, coefficient_spikes * speed)
+        g = coefficient_spikes * speed
+        z, kl_flow, hj, div = self.transport(initial.z, g)
+        evaluated = (g != 0).float().mean().detach()  # on the device: elbo never syncs with the host
         # T * kl_z0: the t = 0 part of log q_t - log p_t, for t = 1..T (closed form)
-        return PathTerms(z, T * initial.kl + kl_flow, kl_spike, kl_slab, hj, div)
+        return PathTerms(z, T * initial.kl + kl_flow, kl_spike, kl_slab, hj, div, evaluated)
 
     def transport(self, z0: Tensor, g: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """Roll the posterior path: ``z0: (B, D)``, ``g: (B, T, Kc)`` -> ``(z: (B, T+1, D), path term:
