@@ -5,7 +5,7 @@ them (for every op) is :mod:`sta.backends.triton`, registered with :mod:`sta.bac
 is usable.
 
 Modules: ``flow_step`` (the fused sparse flow step: launchers, the torch ops
-``sta::triton_flow_step_fwd`` / ``sta::triton_flow_step_bwd``, ``FlowStepFunction``), with
+``sta::triton_flow_step_fwd`` / ``sta::triton_flow_step_bwd``, ``triton_flow_step``), with
 ``flow_step_kernels`` (its ``@triton.jit`` kernels), ``configs`` (tiles, precisions, the AOT spill
 table; :func:`~sta.kernels.configs.interpreting` is the one reading of ``TRITON_INTERPRET``) and
 ``routing`` (active pairs sorted by field); ``grid_transport`` (one finite-volume step); ``launch``

@@ -53,6 +53,7 @@ from .configs import HAMILTONIAN, MLP, POTENTIAL, next_pow2, precision_for
 from .flow_step_kernels import (_flow_step_bwd_kernel, _flow_step_dz_bwd_kernel, _flow_step_fwd_kernel,
                                 _flow_step_hidden_bwd_kernel, _flow_step_hidden_fwd_kernel,
                                 _flow_step_param_bwd_kernel)
+from ..backends.library import register_torch_op
 from .launch import launch
 from .routing import Routing, route
 
@@ -62,7 +63,7 @@ __all__ = [
     "MLP",
     "flow_step_fwd",
     "flow_step_bwd",
-    "FlowStepFunction",
+    "triton_flow_step",
     "precision_for",
     "deterministic_refusal",
 ]
@@ -292,27 +293,24 @@ def _contig(t):
     return None if t is None else t.contiguous()
 
 
-@torch.library.custom_op("sta::triton_flow_step_fwd", mutates_args=())
-def _flow_step_fwd_op(z: torch.Tensor, g: torch.Tensor, W: torch.Tensor, c: torch.Tensor, a: _OptT,
-                      de: _OptT, W_out: _OptT, b2: _OptT, mat: _OptT, kind: int, want_curl: bool,
-                      precision: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def _flow_step_fwd_impl(z: torch.Tensor, g: torch.Tensor, W: torch.Tensor, c: torch.Tensor, a: _OptT,
+                        de: _OptT, W_out: _OptT, b2: _OptT, mat: _OptT, kind: int, want_curl: bool,
+                        precision: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     outs = flow_step_fwd(z, g, kind, W.contiguous(), c.contiguous(), _contig(a), _contig(de), _contig(W_out),
                          _contig(b2), _contig(mat), want_curl, precision)
     return tuple(o.to(z.dtype) for o in outs)
 
 
-@_flow_step_fwd_op.register_fake
-def _(z, g, W, c, a, de, W_out, b2, mat, kind, want_curl, precision):
+def _flow_step_fwd_fake(z, g, W, c, a, de, W_out, b2, mat, kind, want_curl, precision):
     B, D = z.shape
     K = g.shape[1]
     return z.new_empty(B, D), z.new_empty(B), z.new_empty(B, K), z.new_empty(B, K)
 
 
-@torch.library.custom_op("sta::triton_flow_step_bwd", mutates_args=())
-def _flow_step_bwd_op(gvel: torch.Tensor, gdiv: torch.Tensor, go1: torch.Tensor, go2: torch.Tensor,
-                      z: torch.Tensor, g: torch.Tensor, W: torch.Tensor, c: torch.Tensor, a: _OptT, de: _OptT,
-                      W_out: _OptT, b2: _OptT, mat: _OptT, kind: int, want_curl: bool,
-                      precision: str) -> list[torch.Tensor]:
+def _flow_step_bwd_impl(gvel: torch.Tensor, gdiv: torch.Tensor, go1: torch.Tensor, go2: torch.Tensor,
+                        z: torch.Tensor, g: torch.Tensor, W: torch.Tensor, c: torch.Tensor, a: _OptT, de: _OptT,
+                        W_out: _OptT, b2: _OptT, mat: _OptT, kind: int, want_curl: bool,
+                        precision: str) -> list[torch.Tensor]:
     grads = flow_step_bwd(gvel, gdiv, go1, go2, z, g, kind, W.contiguous(), c.contiguous(), _contig(a),
                           _contig(de), _contig(W_out), _contig(b2), _contig(mat), want_curl, precision)
     inputs = (z, g, W, c, a, de, W_out, b2, mat)
@@ -320,8 +318,7 @@ def _flow_step_bwd_op(gvel: torch.Tensor, gdiv: torch.Tensor, go1: torch.Tensor,
     return [z.new_empty(0) if x is None else gr.to(x.dtype) for gr, x in zip(grads, inputs)]
 
 
-@_flow_step_bwd_op.register_fake
-def _(gvel, gdiv, go1, go2, z, g, W, c, a, de, W_out, b2, mat, kind, want_curl, precision):
+def _flow_step_bwd_fake(gvel, gdiv, go1, go2, z, g, W, c, a, de, W_out, b2, mat, kind, want_curl, precision):
     inputs = (z, g, W, c, a, de, W_out, b2, mat)
     return [z.new_empty(0) if x is None else torch.empty_like(x, memory_format=torch.contiguous_format)
             for x in inputs]
@@ -335,26 +332,21 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, gvel, gdiv, go1, go2):
     z, g, W, c, a, de, W_out, b2, mat = ctx.saved_tensors
-    grads = _flow_step_bwd_op(gvel, gdiv, go1, go2, z, g, W, c, a, de, W_out, b2, mat,
-                              ctx.kind, ctx.want_curl, ctx.precision)
+    grads = torch.ops.sta.triton_flow_step_bwd(gvel, gdiv, go1, go2, z, g, W, c, a, de, W_out, b2, mat,
+                                               ctx.kind, ctx.want_curl, ctx.precision)
     inputs = (z, g, W, c, a, de, W_out, b2, mat)
     return tuple(None if x is None else gr for gr, x in zip(grads, inputs)) + (None, None, None)
 
 
-_flow_step_fwd_op.register_autograd(_backward, setup_context=_setup_context)
+register_torch_op("sta::triton_flow_step_bwd", _flow_step_bwd_fake, impl=_flow_step_bwd_impl)
+register_torch_op("sta::triton_flow_step_fwd", _flow_step_fwd_fake, impl=_flow_step_fwd_impl,
+                  backward=_backward, setup_context=_setup_context)
 
 
-class FlowStepFunction:
-    """The differentiable Triton flow step of one bank: ``FlowStepFunction.apply(...)``.
-
-    A thin front over the registered op ``torch.ops.sta.triton_flow_step_fwd`` whose autograd
-    formula (registered with ``register_autograd``) calls ``torch.ops.sta.triton_flow_step_bwd``.
-    Arguments as :func:`flow_step_fwd`; returns ``velocity (B, D), div (B,), o1 (B, K), o2 (B, K)``
-    in z's dtype.
-    """
-
-    @staticmethod
-    def apply(z, g, kind, W, c, a=None, de=None, W_out=None, b2=None, mat=None,
-              want_curl=False, precision="ieee"):
-        return torch.ops.sta.triton_flow_step_fwd(z, g, W, c, a, de, W_out, b2, mat, kind,
-                                                  bool(want_curl), precision)
+def triton_flow_step(z, g, kind, W, c, a=None, de=None, W_out=None, b2=None, mat=None,
+                     want_curl=False, precision="ieee"):
+    """The differentiable Triton flow step of one bank: the registered op
+    ``torch.ops.sta.triton_flow_step_fwd``, whose autograd formula calls
+    ``torch.ops.sta.triton_flow_step_bwd``. Arguments as :func:`flow_step_fwd`; returns
+    ``velocity (B, D), div (B,), o1 (B, K), o2 (B, K)`` in z's dtype."""
+    return torch.ops.sta.triton_flow_step_fwd(z, g, W, c, a, de, W_out, b2, mat, kind, bool(want_curl), precision)

@@ -4,7 +4,7 @@ The algorithm, the field kinds and the stages are described in :mod:`sta.kernels
 launchers are the only callers; the constexprs (``KIND``, ``INPUT_PRECISION``, ``BLOCK_M``, the
 autotuned ``BLOCK_H`` / ``BLOCK_D``) come from :mod:`sta.kernels.configs` and the padded row lists
 from :mod:`sta.kernels.routing`. Names follow the table of docs/ops.md section 7; a pointer
-argument keeps the short name of its kernel-local role (``q_ptr``: the curl matrix C, ``cm_ptr``:
+argument keeps the short name of its kernel-local role (``C_ptr``: the curl matrix C, ``Pdiv_ptr``:
 the mlp divergence matrix Pdiv), as its comment says. ``python -m sta.kernels.aot`` compiles every
 kernel here for sm_80 / sm_90 (tests/test_triton_aot.py).
 """
@@ -56,7 +56,7 @@ def _flow_step_hidden_fwd_kernel(
     z_ptr, stride_zb, stride_zd,  # z: (B, D) latents, any strides
     rows_ptr,  # (Npad,) int64: sample of each padded row, -1 for padding
     block_field_ptr,  # (num_blocks,) int32: field owning each block of BLOCK_M rows
-    w_ptr,  # (K, H, D) contiguous: hidden weights W (potential, hamiltonian) or W1 (mlp)
+    W_ptr,  # (K, H, D) contiguous: hidden weights W (potential, hamiltonian) or W1 (mlp)
     c_ptr,  # (K, H) contiguous: hidden bias b + e(t)
     a_ptr,  # (K, H) contiguous: output weights a (unused for mlp)
     de_ptr,  # (K, H) contiguous: de/dt (potential only)
@@ -91,7 +91,7 @@ def _flow_step_hidden_fwd_kernel(
             md = offs_d < D
             zt = tl.load(z_ptr + b[:, None] * stride_zb + offs_d[None, :] * stride_zd,
                          mask=valid[:, None] & md[None, :], other=0.0).to(tl.float32)
-            wt = tl.load(w_ptr + k * H * D + offs_h[None, :] * D + offs_d[:, None],
+            wt = tl.load(W_ptr + k * H * D + offs_h[None, :] * D + offs_d[:, None],
                          mask=md[:, None] & mh[None, :], other=0.0).to(tl.float32)  # (BLOCK_D, BLOCK_H)
             acc = _dot(zt, wt, acc, INPUT_PRECISION)
             if KIND == 0:
@@ -127,6 +127,31 @@ def _flow_step_hidden_fwd_kernel(
         tl.store(dudt_ptr + offs_m, dudt_acc)
 
 
+@triton.jit
+def _output_tile(x1_ptr, x2_ptr, W_out_ptr, stride_wok, stride_woh, stride_wod, Pdiv_ptr, k, offs_m, offs_d, md,
+                 D, H, KIND: tl.constexpr, INPUT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
+                 BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr):
+    """The output stage's product over the hidden units for one (BLOCK_M, BLOCK_D) tile of rows
+    ``offs_m`` of field ``k``: ``acc = x1 @ W_out[k]`` (the velocity rows; mlp: the pre-tanh output)
+    and, for mlp fields, ``acc2 = x2 @ Pdiv[k]^T`` (the divergence rows; zeros otherwise). Shared by
+    the forward and backward output kernels, which compute it from the same hidden activations."""
+    acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
+    acc2 = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
+    for h0 in range(0, H, BLOCK_H):
+        offs_h = h0 + tl.arange(0, BLOCK_H)
+        mh = offs_h < H
+        xt = tl.load(x1_ptr + offs_m[:, None] * H + offs_h[None, :], mask=mh[None, :], other=0.0)
+        wt = tl.load(W_out_ptr + k * stride_wok + offs_h[:, None] * stride_woh + offs_d[None, :] * stride_wod,
+                     mask=mh[:, None] & md[None, :], other=0.0).to(tl.float32)
+        acc = _dot(xt, wt, acc, INPUT_PRECISION)
+        if KIND == 2:
+            x2t = tl.load(x2_ptr + offs_m[:, None] * H + offs_h[None, :], mask=mh[None, :], other=0.0)
+            ct = tl.load(Pdiv_ptr + k * D * H + offs_d[None, :] * H + offs_h[:, None],
+                         mask=mh[:, None] & md[None, :], other=0.0).to(tl.float32)
+            acc2 = _dot(x2t, ct, acc2, INPUT_PRECISION)
+    return acc, acc2
+
+
 @triton.autotune(configs=autotune_configs(), key=AUTOTUNE_KEY, prune_configs_by=prune_for("_flow_step_fwd_kernel"),
                  reset_to_zero=["vel_ptr", "div_ptr"])
 @triton.jit
@@ -135,10 +160,10 @@ def _flow_step_fwd_kernel(
     block_field_ptr,  # (num_blocks,) int32: field owning each block
     g_ptr, stride_gb, stride_gk,  # g: (B, K) coefficients, any strides
     x1_ptr, x2_ptr,  # (Npad, H): hidden activations from _flow_step_hidden_fwd_kernel
-    wo_ptr, stride_wok, stride_woh, stride_wod,  # output weights as a (K, H, D) view: W, M^T or W2^T
-    cm_ptr,  # (K, D, H) contiguous (mlp): Pdiv = W2 o W1^T, the divergence matrix
-    bo_ptr,  # (K, D) contiguous (mlp): output bias b2
-    q_ptr,  # (K, H, H) contiguous (hamiltonian, WANT_CURL): the curl matrix C = G - N o N^T
+    W_out_ptr, stride_wok, stride_woh, stride_wod,  # output weights as a (K, H, D) view: W, M^T or W2^T
+    Pdiv_ptr,  # (K, D, H) contiguous (mlp): Pdiv = W2 o W1^T, the divergence matrix
+    b2_ptr,  # (K, D) contiguous (mlp): output bias b2
+    C_ptr,  # (K, H, H) contiguous (hamiltonian, WANT_CURL): the curl matrix C = G - N o N^T
     u_ptr, lap_ptr, dudt_ptr,  # (Npad,) per-row scalars of the potential hidden stage
     vel_ptr,  # (B, D) fp32, zero-initialised: velocity, accumulated with atomics
     div_ptr,  # (B,) fp32, zero-initialised: divergence, accumulated with atomics
@@ -163,23 +188,11 @@ def _flow_step_fwd_kernel(
     for d0 in range(0, D, BLOCK_D):
         offs_d = d0 + tl.arange(0, BLOCK_D)
         md = offs_d < D
-        acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
-        acc2 = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
-        for h0 in range(0, H, BLOCK_H):
-            offs_h = h0 + tl.arange(0, BLOCK_H)
-            mh = offs_h < H
-            xt = tl.load(x1_ptr + offs_m[:, None] * H + offs_h[None, :], mask=mh[None, :], other=0.0)
-            wt = tl.load(wo_ptr + k * stride_wok + offs_h[:, None] * stride_woh + offs_d[None, :] * stride_wod,
-                         mask=mh[:, None] & md[None, :], other=0.0).to(tl.float32)
-            acc = _dot(xt, wt, acc, INPUT_PRECISION)
-            if KIND == 2:
-                x2t = tl.load(x2_ptr + offs_m[:, None] * H + offs_h[None, :], mask=mh[None, :], other=0.0)
-                ct = tl.load(cm_ptr + k * D * H + offs_d[None, :] * H + offs_h[:, None],
-                             mask=mh[:, None] & md[None, :], other=0.0).to(tl.float32)
-                acc2 = _dot(x2t, ct, acc2, INPUT_PRECISION)
+        acc, acc2 = _output_tile(x1_ptr, x2_ptr, W_out_ptr, stride_wok, stride_woh, stride_wod, Pdiv_ptr, k, offs_m,
+                                 offs_d, md, D, H, KIND, INPUT_PRECISION, BLOCK_M, BLOCK_H, BLOCK_D)
         keep = valid[:, None] & md[None, :]
         if KIND == 2:
-            b2 = tl.load(bo_ptr + k * D + offs_d, mask=md, other=0.0).to(tl.float32)
+            b2 = tl.load(b2_ptr + k * D + offs_d, mask=md, other=0.0).to(tl.float32)
             v = _tanh(acc + b2[None, :])
             divrow += tl.sum(tl.where(keep, (1.0 - v * v) * acc2, 0.0), 1)
         else:
@@ -207,7 +220,7 @@ def _flow_step_fwd_kernel(
                     offs_i = i0 + tl.arange(0, BLOCK_H)
                     mi = offs_i < H
                     dti = tl.load(x2_ptr + offs_m[:, None] * H + offs_i[None, :], mask=mi[None, :], other=0.0)
-                    qt = tl.load(q_ptr + k * H * H + offs_i[:, None] * H + offs_j[None, :],
+                    qt = tl.load(C_ptr + k * H * H + offs_i[:, None] * H + offs_j[None, :],
                                  mask=mi[:, None] & mj[None, :], other=0.0).to(tl.float32)
                     accq = _dot(dti, qt, accq, INPUT_PRECISION)
                 dtj = tl.load(x2_ptr + offs_m[:, None] * H + offs_j[None, :], mask=mj[None, :], other=0.0)
@@ -222,9 +235,9 @@ def _flow_step_bwd_kernel(
     block_field_ptr,  # (num_blocks,) int32: field owning each block
     g_ptr, stride_gb, stride_gk,  # g: (B, K) coefficients
     x1_ptr, x2_ptr,  # (Npad, H): recomputed hidden activations
-    wo_ptr, stride_wok, stride_woh, stride_wod,  # output weights as a (K, H, D) view
-    cm_ptr,  # (K, D, H) contiguous (mlp): Pdiv = W2 o W1^T
-    bo_ptr,  # (K, D) contiguous (mlp): b2
+    W_out_ptr, stride_wok, stride_woh, stride_wod,  # output weights as a (K, H, D) view
+    Pdiv_ptr,  # (K, D, H) contiguous (mlp): Pdiv = W2 o W1^T
+    b2_ptr,  # (K, D) contiguous (mlp): b2
     lap_ptr,  # (Npad,) recomputed lap u (potential)
     gvel_ptr, stride_gvb, stride_gvd,  # (B, D) grad of velocity, any strides
     gdiv_ptr, stride_gdiv,  # (B,) grad of div
@@ -253,26 +266,14 @@ def _flow_step_bwd_kernel(
     for d0 in range(0, D, BLOCK_D):
         offs_d = d0 + tl.arange(0, BLOCK_D)
         md = offs_d < D
-        acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
-        acc2 = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
-        for h0 in range(0, H, BLOCK_H):
-            offs_h = h0 + tl.arange(0, BLOCK_H)
-            mh = offs_h < H
-            xt = tl.load(x1_ptr + offs_m[:, None] * H + offs_h[None, :], mask=mh[None, :], other=0.0)
-            wt = tl.load(wo_ptr + k * stride_wok + offs_h[:, None] * stride_woh + offs_d[None, :] * stride_wod,
-                         mask=mh[:, None] & md[None, :], other=0.0).to(tl.float32)
-            acc = _dot(xt, wt, acc, INPUT_PRECISION)
-            if KIND == 2:
-                x2t = tl.load(x2_ptr + offs_m[:, None] * H + offs_h[None, :], mask=mh[None, :], other=0.0)
-                ct = tl.load(cm_ptr + k * D * H + offs_d[None, :] * H + offs_h[:, None],
-                             mask=mh[:, None] & md[None, :], other=0.0).to(tl.float32)
-                acc2 = _dot(x2t, ct, acc2, INPUT_PRECISION)
+        acc, acc2 = _output_tile(x1_ptr, x2_ptr, W_out_ptr, stride_wok, stride_woh, stride_wod, Pdiv_ptr, k, offs_m,
+                                 offs_d, md, D, H, KIND, INPUT_PRECISION, BLOCK_M, BLOCK_H, BLOCK_D)
         keep = valid[:, None] & md[None, :]
         gvt = tl.load(gvel_ptr + b[:, None] * stride_gvb + offs_d[None, :] * stride_gvd,
                       mask=keep, other=0.0).to(tl.float32)
         out_off = offs_m[:, None] * D + offs_d[None, :]
         if KIND == 2:
-            b2 = tl.load(bo_ptr + k * D + offs_d, mask=md, other=0.0).to(tl.float32)
+            b2 = tl.load(b2_ptr + k * D + offs_d, mask=md, other=0.0).to(tl.float32)
             r = _tanh(acc + b2[None, :])
             ds2 = 1.0 - r * r
             divrow += tl.sum(tl.where(keep, ds2 * acc2, 0.0), 1)
@@ -299,11 +300,11 @@ def _flow_step_hidden_bwd_kernel(
     rows_ptr,  # (Npad,) int64: sample of each padded row, -1 for padding
     block_field_ptr,  # (num_blocks,) int32: field owning each block
     g_ptr, stride_gb, stride_gk,  # g: (B, K) coefficients
-    w_ptr,  # (K, H, D) contiguous: hidden weights (for |W_j|^2, potential)
+    W_ptr,  # (K, H, D) contiguous: hidden weights (for |W_j|^2, potential)
     a_ptr, de_ptr,  # (K, H) contiguous: a, de/dt
-    wo_ptr, stride_wok, stride_woh, stride_wod,  # output weights as a (K, H, D) view
-    cm_ptr,  # (K, D, H) contiguous (mlp): Pdiv = W2 o W1^T
-    q_ptr,  # (K, H, H) contiguous (hamiltonian, WANT_CURL): the curl matrix C
+    W_out_ptr, stride_wok, stride_woh, stride_wod,  # output weights as a (K, H, D) view
+    Pdiv_ptr,  # (K, D, H) contiguous (mlp): Pdiv = W2 o W1^T
+    C_ptr,  # (K, H, H) contiguous (hamiltonian, WANT_CURL): the curl matrix C
     h_ptr, x2_ptr,  # (Npad, H): recomputed pre-activation h and x2 (d = a*s2 for the curl)
     gv_ptr, gq_ptr,  # (Npad, D): from _flow_step_bwd_kernel
     gdiv_ptr, stride_gdiv,  # (B,) grad of div
@@ -339,14 +340,14 @@ def _flow_step_hidden_bwd_kernel(
             offs_d = d0 + tl.arange(0, BLOCK_D)
             md = offs_d < D
             gvt = tl.load(gv_ptr + offs_m[:, None] * D + offs_d[None, :], mask=md[None, :], other=0.0)
-            wt = tl.load(wo_ptr + k * stride_wok + offs_h[None, :] * stride_woh + offs_d[:, None] * stride_wod,
+            wt = tl.load(W_out_ptr + k * stride_wok + offs_h[None, :] * stride_woh + offs_d[:, None] * stride_wod,
                          mask=md[:, None] & mh[None, :], other=0.0).to(tl.float32)  # (BLOCK_D, BLOCK_H)
             acc = _dot(gvt, wt, acc, INPUT_PRECISION)
             if KIND == 0:
                 wn += tl.sum(wt * wt, 0)  # the potential's output weights are W itself
             if KIND == 2:
                 gqt = tl.load(gq_ptr + offs_m[:, None] * D + offs_d[None, :], mask=md[None, :], other=0.0)
-                ct = tl.load(cm_ptr + k * D * H + offs_d[:, None] * H + offs_h[None, :],
+                ct = tl.load(Pdiv_ptr + k * D * H + offs_d[:, None] * H + offs_h[None, :],
                              mask=md[:, None] & mh[None, :], other=0.0).to(tl.float32)
                 acc2 = _dot(gqt, ct, acc2, INPUT_PRECISION)
         keep = valid[:, None] & mh[None, :]
@@ -380,8 +381,8 @@ def _flow_step_hidden_bwd_kernel(
                         mi = offs_i < H
                         dti = tl.load(x2_ptr + offs_m[:, None] * H + offs_i[None, :], mask=mi[None, :], other=0.0)
                         qm = mi[:, None] & mh[None, :]
-                        qt = tl.load(q_ptr + k * H * H + offs_i[:, None] * H + offs_h[None, :], mask=qm, other=0.0)
-                        qtt = tl.load(q_ptr + k * H * H + offs_h[None, :] * H + offs_i[:, None], mask=qm, other=0.0)
+                        qt = tl.load(C_ptr + k * H * H + offs_i[:, None] * H + offs_h[None, :], mask=qm, other=0.0)
+                        qtt = tl.load(C_ptr + k * H * H + offs_h[None, :] * H + offs_i[:, None], mask=qm, other=0.0)
                         accq = _dot(dti, (qt + qtt).to(tl.float32), accq, INPUT_PRECISION)
                     gd = go1[:, None] * accq
                     gh += gd * a * s3
@@ -399,7 +400,7 @@ def _flow_step_dz_bwd_kernel(
     rows_ptr,  # (Npad,) int64: sample of each padded row, -1 for padding
     block_field_ptr,  # (num_blocks,) int32: field owning each block
     gh_ptr,  # (Npad, H): grad w.r.t. h
-    w_ptr,  # (K, H, D) contiguous: hidden weights
+    W_ptr,  # (K, H, D) contiguous: hidden weights
     gz_ptr,  # (B, D) fp32 zero-initialised out: grad of z, accumulated with atomics
     D, H,  # latent size and hidden width
     d_bucket, h_bucket, m_bucket,  # autotune key only
@@ -420,7 +421,7 @@ def _flow_step_dz_bwd_kernel(
             offs_h = h0 + tl.arange(0, BLOCK_H)
             mh = offs_h < H
             ght = tl.load(gh_ptr + offs_m[:, None] * H + offs_h[None, :], mask=mh[None, :], other=0.0)
-            wt = tl.load(w_ptr + k * H * D + offs_h[:, None] * D + offs_d[None, :],
+            wt = tl.load(W_ptr + k * H * D + offs_h[:, None] * D + offs_d[None, :],
                          mask=mh[:, None] & md[None, :], other=0.0).to(tl.float32)
             acc = _dot(ght, wt, acc, INPUT_PRECISION)
         tl.atomic_add(gz_ptr + b[:, None] * D + offs_d[None, :], acc, mask=valid[:, None] & md[None, :])

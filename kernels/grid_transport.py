@@ -18,6 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ..backends.library import register_torch_op
 from .launch import launch
 
 __all__ = ["grid_transport_fwd", "grid_transport_op"]
@@ -168,15 +169,16 @@ def grid_transport_fwd(rho: torch.Tensor, faces: tuple, coef: tuple, periodic: b
 # A registered torch op (schema + fake kernel), like the compiled ``sta::grid_transport``, so that
 # torch.compile traces through it and torch.library.opcheck can check it. Forward only: the torch
 # backend is the differentiable one.
-@torch.library.custom_op("sta::triton_grid_transport", mutates_args=())
-def grid_transport_op(rho: torch.Tensor, u0: torch.Tensor, u1: torch.Tensor, u2: Optional[torch.Tensor],
-                      coef: list[float], periodic: bool, limiter: int) -> torch.Tensor:
+def _grid_transport_impl(rho: torch.Tensor, u0: torch.Tensor, u1: torch.Tensor, u2: Optional[torch.Tensor],
+                         coef: list[float], periodic: bool, limiter: int) -> torch.Tensor:
     """:func:`grid_transport_fwd` as the op ``sta::triton_grid_transport``: rho (N1, N2[, N3]); u0, u1
     (and u2 for a 3-D grid, else None) the face velocities; coef: dt / dx per axis."""
     faces = tuple(u.contiguous() for u in ((u0, u1) if u2 is None else (u0, u1, u2)))
     return grid_transport_fwd(rho.contiguous(), faces, tuple(coef), periodic, limiter)
 
 
-@grid_transport_op.register_fake
-def _(rho, u0, u1, u2, coef, periodic, limiter):
+def _grid_transport_fake(rho, u0, u1, u2, coef, periodic, limiter):
     return torch.empty_like(rho, memory_format=torch.contiguous_format)
+
+
+grid_transport_op = register_torch_op("sta::triton_grid_transport", _grid_transport_fake, impl=_grid_transport_impl)

@@ -20,7 +20,7 @@ KEYS = {"run_dir", "model", "dataset", "step", "test_sequences", "frames_per_seq
         "nelbo_per_frame", "elbo_terms", "nll_x0_iw", "iw_samples", "equivariance_error",
         "equivariance_error_single", "equivariance_error_per_transformation", "identification_accuracy",
         "identification_chance", "identification_f1", "field_assignment"}
-TERMS = {"recon", "kl_z0", "kl_path", "kl_spike", "kl_slab", "hj", "div", "nelbo", "loss"}
+TERMS = {"recon", "kl_z0", "kl_path", "kl_spike", "kl_slab", "hj", "div", "nelbo", "loss", "evaluated"}
 
 
 # Tiny ops: one thread (fixture in conftest.py) avoids OpenMP spin contention on a shared CPU.

@@ -32,11 +32,13 @@ def test_pairs_below_the_floor_are_not_handed_to_the_flow(floor, monkeypatch, on
 
     monkeypatch.setattr(type(model), "sample_spikes", spy_spikes)
     x = torch.rand(4, 4, 3, 8, 8)
-    model.elbo(x, temperature=0.5).loss.backward()
+    terms = model.elbo(x, temperature=0.5)
+    terms.loss.backward()
     spikes, g = spikes_seen["s"], seen["g"]
     below = spikes < floor
     assert torch.all(g[below] == 0)
     assert torch.all(g[~below] != 0)  # the slab speeds are positive
+    assert terms.evaluated.item() == pytest.approx((~below).float().mean().item())  # the logged diagnostic
     if floor > 0:
         assert below.any() and (~below).any(), "the test needs pairs on both sides of the floor"
 

@@ -26,6 +26,7 @@ from .. import _extension, reference
 from ..grid.transport import LIMITERS
 from ..reference import FieldTerms
 from . import Backend
+from .library import register_torch_op
 
 __all__ = ["CompiledFlowStep", "CompiledGridTransport", "IMPLEMENTATIONS"]
 
@@ -122,11 +123,12 @@ _BACKWARDS = {"potential_fwd": _potential_backward, "hamiltonian_fwd": _hamilton
 def _register_library_side() -> None:
     """Fakes and autograd of the compiled ops; run once by the loader, right after it loads them."""
     for name, fake in _FAKES.items():
-        torch.library.register_fake(f"sta::{name}", fake)
-    for name, backward in _BACKWARDS.items():
-        torch.library.register_autograd(f"sta::{name}", backward, setup_context=_setup)
-        # a clear error on double backward
-        torch.library.register_autograd(f"sta::{name[:-4]}_bwd", _no_double_backward, setup_context=_setup_bwd)
+        if name in _BACKWARDS:
+            register_torch_op(f"sta::{name}", fake, backward=_BACKWARDS[name], setup_context=_setup)
+        elif name.endswith("_bwd"):  # a clear error on double backward
+            register_torch_op(f"sta::{name}", fake, backward=_no_double_backward, setup_context=_setup_bwd)
+        else:
+            register_torch_op(f"sta::{name}", fake)
 
 
 _extension.on_load(_register_library_side)

@@ -110,7 +110,7 @@ class TritonFlowStep(_Triton):
         return reasons
 
     def potential_terms(self, z, g, p, want):
-        vel, div, hj, u = _fs.FlowStepFunction.apply(
+        vel, div, hj, u = _fs.triton_flow_step(
             z, g, _fs.POTENTIAL, p.W, p.c, p.a, p.de, precision=self.precision(z.dtype))
         curl = z.new_zeros(g.shape) if "curl" in want else None  # a gradient field has no curl
         return reference.FieldTerms(velocity=vel, div=div if "div" in want else None,
@@ -122,7 +122,7 @@ class TritonFlowStep(_Triton):
         if want_curl:
             G, N = reference.hamiltonian_curl_matrices(p)
             C = G - N * N.transpose(1, 2)  # curl = d^T G d - d^T (N o N^T) d
-        vel, _, curl, _ = _fs.FlowStepFunction.apply(
+        vel, _, curl, _ = _fs.triton_flow_step(
             z, g, _fs.HAMILTONIAN, p.W, p.c, p.a, None, p.M, None, C, want_curl, self.precision(z.dtype))
         return reference.FieldTerms(
             velocity=vel,
@@ -133,7 +133,7 @@ class TritonFlowStep(_Triton):
 
     def mlp_terms(self, z, g, p, want):
         Pdiv = p.W2 * p.W1.transpose(1, 2)  # (K, D, H): div r = sum_i s2'_i [Pdiv s1']_i
-        vel, div, div_rot, _ = _fs.FlowStepFunction.apply(
+        vel, div, div_rot, _ = _fs.triton_flow_step(
             z, g, _fs.MLP, p.W1, p.c1, None, None, p.W2, p.b2, Pdiv, False, self.precision(z.dtype))
         curl = None
         if "curl" in want:  # diagnostic: explicit Jacobians with the reference, active rows only

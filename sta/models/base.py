@@ -62,9 +62,9 @@ class ELBOTerms(NamedTuple):
     loss:     recon + kl_weight * kl_scale * (kl_z0 + kl_path + kl_spike + kl_slab) + hj + div (what
               is minimised; kl_weight < 1 only during a KL warm-up, kl_scale = beta for betavae and
               1 otherwise, so loss = nelbo + hj + div after the warm-up for every other kind)
-    evaluated: a diagnostic, not a term: the fraction of (sample, transition, field) pairs the flow
-              evaluates (coefficient != 0); below 1 only with ``spike_floor > 0``. None for kinds
-              without fields.
+    evaluated: a diagnostic, not part of the loss: the fraction of (sample, transition, field)
+              pairs the flow evaluates (coefficient != 0); below 1 only with ``spike_floor > 0``,
+              1 for kinds without flow pairs (static, betavae, slowvae: nothing is skipped)
     """
 
     recon: Tensor
@@ -76,11 +76,11 @@ class ELBOTerms(NamedTuple):
     div: Tensor
     nelbo: Tensor
     loss: Tensor
-    evaluated: Optional[Tensor] = None
+    evaluated: Tensor
 
     def scalars(self) -> dict:
-        """Plain floats, for logging (entries that are None are left out)."""
-        return {name: float(value.detach()) for name, value in self._asdict().items() if value is not None}
+        """Plain floats, for logging."""
+        return {name: float(value.detach()) for name, value in self._asdict().items()}
 
 
 class Initial(NamedTuple):
@@ -242,8 +242,8 @@ class STAModel(nn.Module):
         kl_spike, kl_slab = _mean(path.kl_spike), _mean(path.kl_slab)
         kl = kl_z0 + kl_path + kl_spike + kl_slab
         loss = recon + (kl_weight * self.kl_scale) * kl + path.hj + path.div
-        return ELBOTerms(recon, kl_z0, kl_path, kl_spike, kl_slab, path.hj, path.div, recon + kl, loss,
-                         path.evaluated)
+        evaluated = path.evaluated if path.evaluated is not None else loss.new_ones(()).detach()
+        return ELBOTerms(recon, kl_z0, kl_path, kl_spike, kl_slab, path.hj, path.div, recon + kl, loss, evaluated)
 
     def latent_path(self, x: Tensor, initial: Initial, temperature: float, slab: bool, generator) -> PathTerms:
         """The kind's posterior path for ``x: (B, T+1, C, S, S)`` from ``initial`` (q(z_0|x_0), its
