@@ -75,20 +75,20 @@ def block_m_for(rows_per_field: int) -> int:
 
 
 # ----------------------------------------------------------------------------------------------
-# Tile spaces, pruning and the AOT spill table.
+# The tile space, pruning and the AOT spill table.
 # ----------------------------------------------------------------------------------------------
 
-#: Tile spaces, (BLOCK_H, BLOCK_D), in order of preference (largest first); :func:`keep_configs`
-#: keeps the first one that fits the launch. Chosen from the AOT tables of
-#: ``python -m sta.kernels.aot`` (sm_80/sm_90): the earlier 8-config space (4-8 warps, 2-3 stages,
+#: The tile space, (BLOCK_H, BLOCK_D), in order of preference (largest first); :func:`keep_configs`
+#: keeps the first one that fits the launch within the register budget of its precision (FMA or
+#: tensor cores: the two spaces this started with converged to the same tiles). Chosen from the
+#: AOT tables of ``python -m sta.kernels.aot`` (sm_80/sm_90): the earlier 8-config space (4-8 warps, 2-3 stages,
 #: tiles up to 128x128) spilled in 231 of 460 compiles -- "ieee" lowers tl.dot to FMA with both
 #: operand tiles in registers (32x32 tiles, 4 warps, 2 stages, BLOCK_M = 64: 255 registers + 372 B
 #: spill) and 64/128-wide tf32 tiles at 3 stages spilled 0.4-3 KB and needed up to 393 KB of shared
 #: memory. A first pruned space at 8 warps (32x32 FMA, 64x64 / 64x32 tensor cores) still spilled in
 #: 54 of 462 compiles, all in the heavy variants (mlp, curl, hidden backward) or at 8 warps; hence
 #: tiles sized by the launch's live tiles.
-_FMA_SPACE = ((32, 32), (16, 16))
-_MMA_SPACE = ((32, 32), (16, 16))
+_TILE_SPACE = ((32, 32), (16, 16))
 #: Launch options per tile, (num_warps, num_stages), in order of preference. (4, 1) is spill-free
 #: in 452 of 462 AOT compiles; the other 10 keep 4-20 B of stack at 72-168 registers (a ptxas
 #: quirk, not register pressure: the same launch at 2 stages or 8 warps has none). Those are
@@ -132,8 +132,8 @@ def autotune_configs():
     Under the interpreter a single 16x16 configuration: ``tl.dot`` needs tiles of at least 16
     and every extra configuration would be run (slowly) by the autotuner; the parity tests run
     every kept GPU configuration explicitly (:func:`gpu_configs`,
-    :func:`sta.kernels.launch.forced_config`). On a GPU the union of the FMA and tensor-core
-    spaces; :func:`keep_configs` (the autotuner's ``early_config_prune``) picks per launch.
+    :func:`sta.kernels.launch.forced_config`). On a GPU every tile of :data:`_TILE_SPACE` with
+    every launch option; :func:`keep_configs` (the autotuner's ``early_config_prune``) picks per launch.
     """
     if interpreting():
         return [triton.Config({"BLOCK_H": 16, "BLOCK_D": 16}, num_warps=1)]
@@ -141,10 +141,9 @@ def autotune_configs():
 
 
 def gpu_configs():
-    """Every GPU tile configuration (both spaces), as ``triton.Config``."""
-    tiles = dict.fromkeys(_FMA_SPACE + _MMA_SPACE)
+    """Every GPU tile configuration, as ``triton.Config``."""
     return [triton.Config({"BLOCK_H": bh, "BLOCK_D": bd}, num_warps=w, num_stages=s)
-            for bh, bd in tiles for w, s in _LAUNCH_OPTIONS]
+            for bh, bd in _TILE_SPACE for w, s in _LAUNCH_OPTIONS]
 
 
 def _live_tiles(kernel: str, meta: dict) -> int:
@@ -178,22 +177,21 @@ def keep_configs(configs, arch: int, meta: dict, kernel: str):
     """The config to autotune with for one launch of ``kernel`` (its name) on target ``arch``.
 
     ``meta``: the launch's constexprs (``INPUT_PRECISION``, ``BLOCK_M``, ``KIND``, ``WANT_CURL``).
-    Keeps the tile space of the precision (FMA for "ieee", tensor cores otherwise) and takes the
-    first (largest) tile whose register estimate is within budget and whose shared memory fits the
+    Takes the first (largest) tile of :data:`_TILE_SPACE` whose register estimate is within the
+    budget of the precision (FMA for "ieee", tensor cores otherwise) and whose shared memory fits the
     target (so no config is found out by an OutOfResources at run time), with the first launch
     option of :data:`_LAUNCH_OPTIONS` that the AOT spill table (:data:`SPILLS`) does not list for
     this launch; the smallest tile when none fits. Returns a one-element list.
     ``tests/test_triton_aot.py`` compiles what this returns for sm_80 and sm_90.
     """
     fma = meta["INPUT_PRECISION"] in _FMA
-    space = _FMA_SPACE if fma else _MMA_SPACE
     limit = SHARED_LIMIT.get(arch, min(SHARED_LIMIT.values()))
     budget = _FMA_BUDGET if fma else _MMA_BUDGET
     live = _live_tiles(kernel, meta)
     by_tile = {}
     for c in configs:
         by_tile.setdefault((c.kwargs["BLOCK_H"], c.kwargs["BLOCK_D"]), {})[c.num_warps, c.num_stages] = c
-    tiles = [t for t in space if t in by_tile]
+    tiles = [t for t in _TILE_SPACE if t in by_tile]
 
     def options(tile):
         """The tile's configs in preference order, without those the spill table lists."""
