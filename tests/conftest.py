@@ -2,9 +2,9 @@
 
 Options: ``--backend NAME`` restricts backend-parametrised tests to one backend;
 ``--dtype float32|float64`` restricts dtype-parametrised tests.
-Markers: ``gpu`` (needs CUDA; skipped with that reason elsewhere), ``slow`` (several seconds each:
-training runs, CLI and benchmark subprocesses, compiles; ``pytest -m "not slow"`` leaves them out,
-plain ``pytest`` runs them). Shared test helpers and the cross-backend parity matrix: tests/parity.py.
+Markers: ``gpu`` (needs CUDA; skipped with that reason elsewhere), ``slow`` (a second or more each:
+training runs, CLI and benchmark subprocesses, compiles, plots, the hypothesis fuzz, long Triton
+interpreter runs; ``pytest -m "not slow"`` leaves them out, plain ``pytest`` and CI run them). Shared test helpers and the cross-backend parity matrix: tests/parity.py.
 """
 import os
 
@@ -28,7 +28,7 @@ def pytest_addoption(parser):
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "gpu: needs a CUDA GPU")
-    config.addinivalue_line("markers", "slow: takes several seconds (training, subprocesses, compiles)")
+    config.addinivalue_line("markers", "slow: a second or more (training, subprocesses, compiles, plots, fuzz)")
 
 
 def pytest_collection_modifyitems(config, items):

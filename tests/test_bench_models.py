@@ -7,6 +7,8 @@ import sys
 import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(REPO, "benchmarks"))
+import bench_models  # noqa: E402
 
 
 @pytest.mark.slow
@@ -53,9 +55,7 @@ def _rows(sta, other, metric="equivariance_error"):
 
 
 def test_verdict_needs_both_paired_intervals_to_exclude_zero():
-    sys.path.insert(0, os.path.join(REPO, "benchmarks"))
-    import bench_models as bm
-
+    bm = bench_models
     lo, hi = bm.bootstrap_interval([1.0, 2.0, 3.0, 4.0, 5.0])
     assert 1.0 < lo < 3.0 < hi < 5.0
     t_lo, t_hi = bm.t_interval([1.0, 2.0, 3.0, 4.0, 5.0])  # mean 3, sd 1.581, t(4) = 2.776
@@ -92,10 +92,10 @@ def test_summarize_rewrites_the_markdown_from_a_csv(tmp_path):
 
 
 @pytest.mark.slow
-def test_bench_models_rejects_bad_jobs(tmp_path):
-    proc = subprocess.run([sys.executable, os.path.join(REPO, "benchmarks", "bench_models.py"), "--jobs", "0"],
-                          capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 2 and "--jobs: expected >= 1" in proc.stderr
+def test_bench_models_rejects_bad_jobs(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        bench_models.main(["--jobs", "0"])
+    assert exit_info.value.code == 2 and "--jobs: expected >= 1" in capsys.readouterr().err
 
 
 @pytest.mark.slow
@@ -127,7 +127,7 @@ def test_variant_is_a_model_of_its_own_compared_with_sta(tmp_path):
 
 @pytest.mark.parametrize("text", ["floor", "floor=", "=model.x=1", "sta=model.spike_floor=0.1", "a b=model.x=1",
                                   "floor=model.spike_floor"])
-def test_bench_models_rejects_bad_variants(text):
-    proc = subprocess.run([sys.executable, os.path.join(REPO, "benchmarks", "bench_models.py"), "--variant", text],
-                          capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 2 and "--variant: " in proc.stderr, proc.stderr
+def test_bench_models_rejects_bad_variants(text, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        bench_models.main(["--variant", text])
+    assert exit_info.value.code == 2 and "--variant: " in capsys.readouterr().err

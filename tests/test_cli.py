@@ -255,6 +255,7 @@ def test_cuda_device_without_cuda_is_a_config_error(monkeypatch, capsys, tmp_pat
     assert_user_error(subprocess.CompletedProcess([], code, captured.out, captured.err), "sees no CUDA device")
 
 
+@pytest.mark.slow  # trains, evaluates and plots (2-5 s)
 @pytest.mark.parametrize("overrides,transport", [
     (['model.model="dense"', 'model.control="double"', 'model.rotational="mlp"'], True),
     (['model.model="linear"'], False),
@@ -357,6 +358,7 @@ def test_resume_without_steps_continues_to_the_runs_own_steps(tmp_path, monkeypa
         torch.set_num_threads(threads)
 
 
+@pytest.mark.slow  # trains and plots (~4 s)
 def test_plot_a_killed_run(tmp_path, capsys):
     """A run killed mid-write of metrics.jsonl still plots (the cut line is skipped)."""
     import torch

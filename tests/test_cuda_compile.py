@@ -176,6 +176,7 @@ def test_binding_compiles_against_installed_torch(path):
 
 
 @needs_nvcc
+@pytest.mark.slow  # an nvcc compile
 @pytest.mark.parametrize("path", [p for p in CU_FILES if p.name == "flow_step.cu"], ids=lambda p: p.name)
 def test_flow_step_uses_accurate_tanh(path, tmp_path):
     """--use_fast_math would compile tanhf to tanh.approx.f32 (~5e-4 relative error): fp32 parity fails."""

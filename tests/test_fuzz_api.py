@@ -30,6 +30,9 @@ from sta import backends
 from sta.grid import cfl_number
 from tests.tolerances import assert_same_nonfinite
 
+#: hypothesis runs each property over many drawn inputs (20-30 s for the file): the thorough run
+pytestmark = pytest.mark.slow
+
 NAN, INF = float("nan"), float("inf")
 #: latent_grid's velocity is z_next - z: float32 rounding of z (|z| up to ~6) against |v| ~ 0.5
 LATENT_GRID_TOL = (1e-4, 1e-6)

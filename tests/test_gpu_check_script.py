@@ -57,6 +57,7 @@ def test_no_gpu_exits_with_documented_code(tmp_path, smi):
     assert "exit code 3" in (out / "summary.txt").read_text().lower()
 
 
+@pytest.mark.slow  # runs the script's CPU-torch path in a subprocess
 def test_gpu_but_cpu_only_torch(tmp_path):
     """A GPU listed by nvidia-smi but a torch that cannot use it: say what to install, exit 4."""
     bin_dir = tmp_path / "bin"

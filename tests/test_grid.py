@@ -479,6 +479,7 @@ def test_grid_and_particles_agree_and_converge_d2():
     assert fit_order([1, 0.5, 0.25], errors) >= 1.0, errors
 
 
+@pytest.mark.slow  # matplotlib figure (~2 s)
 def test_plot_grid_transport_writes_a_png(tmp_path):
     from sta.plots import plot_grid_transport
 

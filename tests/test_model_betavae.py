@@ -38,12 +38,14 @@ def test_beta_one_is_the_static_model():
     assert not beta_one.has_transitions and not beta_one.has_fields
 
 
+@pytest.mark.slow  # trains (~1 s)
 def test_tiny_betavae_overfits_one_batch():
     # beta = 4 trades reconstruction for KL: recon / z_free measured 0.67 (static: 0.54), so the
     # bar is 0.75 here; the loss still falls 4.5x (520 -> 117).
     assert_overfits(recon_fraction=0.75, model="betavae")
 
 
+@pytest.mark.slow  # trains, evaluates and plots through the CLI
 def test_train_evaluate_plot_through_the_cli(tmp_path):
     result, plots = cli_train_evaluate_plot("betavae", tmp_path)
     assert result["model"] == "betavae" and result["step"] == 3

@@ -104,10 +104,12 @@ def test_slowvae_needs_no_more_directions_than_latents():
         STAModel(tiny_config(model="slowvae", latent=2, num_fields=3))
 
 
+@pytest.mark.slow  # trains (~1 s)
 def test_tiny_slowvae_overfits_one_batch():
     assert_overfits(model="slowvae")
 
 
+@pytest.mark.slow  # trains, evaluates and plots through the CLI
 def test_train_evaluate_plot_through_the_cli(tmp_path):
     result, plots = cli_train_evaluate_plot("slowvae", tmp_path)
     assert result["model"] == "slowvae" and result["step"] == 3

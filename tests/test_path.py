@@ -10,8 +10,7 @@ from tests.tolerances import assert_close
 OUTPUTS = ("z", "div", "hj", "div_rot", "curl", "u")
 # (backend, dtype): float64 on torch and cpu (1e-10), float32 on triton under the interpreter,
 # cuda (float32) only with a GPU.
-CASES = [("torch", torch.float64), ("cpu", torch.float64), ("triton", torch.float32),
-         pytest.param("cuda", torch.float32, marks=pytest.mark.gpu)]
+CASES = [("torch", torch.float64), ("cpu", torch.float64), ("triton", torch.float32), ("cuda", torch.float32)]
 CONSTRUCTIONS = [("hamiltonian", None), ("hamiltonian", 2), ("mlp", None)]
 
 
@@ -37,9 +36,20 @@ def _device(backend):
 STEPS_AND_PATTERNS = [(1, "mixed"), (3, "off"), (3, "mixed"), (3, "on"), (8, "mixed")]
 
 
-@pytest.mark.parametrize("backend,dtype", CASES)
+def _path_cases():
+    """(backend, dtype, T, pattern) for every case; cuda needs a GPU, and Triton under the interpreter
+    beyond T = 1 is ``slow`` (2-10 s a case; the quick run keeps T = 1 and the parity matrix's
+    Triton flow_path rows)."""
+    for backend, dtype in CASES:
+        for T, pattern in STEPS_AND_PATTERNS:
+            marks = [pytest.mark.gpu] if backend == "cuda" else []
+            if backend == "triton" and T > 1 and not torch.cuda.is_available():
+                marks.append(pytest.mark.slow)
+            yield pytest.param(backend, dtype, T, pattern, marks=marks, id=f"{backend}-T{T}-{pattern}")
+
+
 @pytest.mark.parametrize("construction,rank", CONSTRUCTIONS)
-@pytest.mark.parametrize("T,pattern", STEPS_AND_PATTERNS)
+@pytest.mark.parametrize("backend,dtype,T,pattern", list(_path_cases()))
 def test_flow_path_equals_chained_flow_step(backend, dtype, construction, rank, T, pattern, one_thread):
     device = _device(backend)
     fields = _bank(construction, rank, dtype, device)

@@ -47,3 +47,22 @@ def test_pairs_below_the_floor_are_not_handed_to_the_flow(floor, monkeypatch, on
 def test_bad_spike_floor_names_the_argument(bad):
     with pytest.raises(ValueError, match="spike_floor"):
         ModelConfig(spike_floor=bad)
+
+
+@pytest.mark.slow  # trains a tiny run
+def test_spike_floor_gradient_script_reports_every_checkpoint(tmp_path):
+    import os
+    import sys
+
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
+    import spike_floor_gradient
+
+    out = tmp_path / "report.md"
+    assert spike_floor_gradient.main(["--preset", "tiny", "--floor", "0.3", "--steps", "6", "--every", "3",
+                                      "--batches", "2", "--run", str(tmp_path / "run"), "--out", str(out)]) == 0
+    rows = [line.split("|")[1:-1] for line in out.read_text().splitlines() if line.startswith("| ") and "step" not in line]
+    assert [int(r[0]) for r in rows] == [0, 3, 6]  # the step-0 checkpoint and every periodic one
+    for step, skipped, lost, lost_max, lost_posterior, lost_fields, cosine in ([float(v) for v in r] for r in rows):
+        assert 0.0 < skipped <= 1.0  # a floor of 0.3 skips pairs of an untrained tiny model
+        assert 0.0 < lost <= lost_max and 0.0 < lost_posterior and 0.0 <= lost_fields  # dropped: not zero
+        assert -1.0 <= cosine < 1.0
