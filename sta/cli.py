@@ -74,6 +74,8 @@ def _train_config(args):
         overrides.append(f"seed={args.seed}")
     if args.precision is not None:
         overrides.append(f"precision={json.dumps(args.precision)}")
+    if args.compile:
+        overrides.append("compile=true")
     return apply_overrides(config, overrides).validate()
 
 
@@ -160,6 +162,8 @@ def _add_train_arguments(parser) -> None:
     parser.add_argument("--seed", type=int, default=None)
     parser.add_argument("--precision", choices=("fp32", "bf16"), default=None,
                         help="fp32 (default) or bf16: the conv networks under bf16 autocast, the flow in float32")
+    parser.add_argument("--compile", action="store_true",
+                        help="torch.compile the ELBO (minutes of compiling first; see TrainConfig.compile)")
     parser.add_argument("--set", action="append", metavar="KEY=VALUE",
                         help="override any config entry, e.g. --set model.latent=8 --set batch_size=16")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")

@@ -15,10 +15,11 @@ step, never per sample.
 ``prepare(t, active)`` returns the per-step parameter tuple a backend consumes (see
 :mod:`sta.reference`). It is differentiable in t and in every parameter, so autograd carries the
 backends' gradients back to the modules. ``active: (K,) bool`` marks the fields with at least one
-active pair in the step; the parameters of the other fields are replaced by zeros before any
-per-step product (``M = A W^T``, ``e(t)``), so whatever they hold (NaN, Inf) no backend sees it and
-their gradients, and the gradient of t, are exactly zero (the non-finite policy of
-:func:`sta.flow_step`).
+active pair in the step; whatever the other fields hold (NaN, Inf) reaches no output, and their
+gradients and the gradient of t are exactly zero (the non-finite policy of :func:`sta.flow_step`):
+their time-embedding weights are zeroed before ``e(t)`` (:func:`zero_inactive`), their other
+parameters pass unchanged with their gradients zeroed (:func:`gate`; no backend reads a field
+without active pairs).
 """
 from __future__ import annotations
 
@@ -48,12 +49,42 @@ INIT_STEP_RATIO = 0.1
 _CALIBRATION_PROBES = 256
 
 
-def gate(param: Tensor, active: Optional[Tensor]) -> Tensor:
-    """``param: (K, ...)`` with the slices of fields that are not ``active: (K,) bool`` set to 0.
+class _GateGradient(torch.autograd.Function):
+    """Identity forward; the backward zeroes the gradient slices of the fields that are not active."""
 
-    ``torch.where``, not a product: ``0 * NaN`` is NaN, and the backward of ``where`` sends an
-    exact zero to the unselected slices. ``active=None`` returns ``param`` itself.
+    @staticmethod
+    def forward(ctx, param: Tensor, mask: Tensor) -> Tensor:
+        ctx.save_for_backward(mask)
+        return param.view_as(param)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        (mask,) = ctx.saved_tensors
+        return torch.where(mask, grad, grad.new_zeros(())), None
+
+
+def gate(param: Tensor, active: Optional[Tensor]) -> Tensor:
+    """``param: (K, ...)`` whose gradient is exactly 0 in the slices of the fields that are not
+    ``active: (K,) bool`` (``torch.where`` in the backward: ``0 * NaN`` is NaN, ``where`` is 0).
+
+    The values pass unchanged (no copy): every product a step forms from a field's parameters
+    (``M = A W^T``, ``Pdiv``, the curl matrices) stays within that field, and a backend reads only
+    the fields of active pairs, so a NaN/Inf in an inactive field reaches no output; only its
+    gradients could (``0 @ NaN``), and those are zeroed here. Gating the values with a ``where`` in
+    the forward instead cost a full copy of every (K, H, D) parameter per step: benchmarks/
+    bench_flow_step.py S3 (D = H = 1024) forward 269 ms against 168 ms without it.
+    :func:`zero_inactive` is the forward version, for a parameter whose product mixes the fields.
+    ``active=None`` returns ``param`` itself.
     """
+    if active is None:
+        return param
+    return _GateGradient.apply(param, active.reshape((-1,) + (1,) * (param.dim() - 1)))
+
+
+def zero_inactive(param: Tensor, active: Optional[Tensor]) -> Tensor:
+    """``param: (K, ...)`` with the slices of the fields that are not ``active: (K,) bool`` set to 0,
+    for a parameter whose product sums over the fields: the time embedding's ``e(t)`` feeds the
+    gradient of the shared ``t``, where ``0 * NaN`` would be NaN. ``active=None`` returns ``param``."""
     if active is None:
         return param
     return torch.where(active.reshape((-1,) + (1,) * (param.dim() - 1)), param, param.new_zeros(()))
@@ -90,7 +121,7 @@ class TimeEmbedding(nn.Module):
         wt = self.frequencies.to(t.dtype) * t
         phi = torch.cat([torch.sin(wt), torch.cos(wt)])
         dphi = torch.cat([torch.cos(wt), -torch.sin(wt)]) * torch.cat([self.frequencies, self.frequencies]).to(t.dtype)
-        weight = gate(self.weight, active)  # before the product: 0 * NaN in the t-gradient is NaN
+        weight = zero_inactive(self.weight, active)  # before the product: 0 * NaN in the t-gradient is NaN
         e = torch.einsum("khf,f->kh", weight, phi)
         de = torch.einsum("khf,f->kh", weight, dphi)
         return e, de

@@ -170,8 +170,8 @@ def prepare_step(fields: FieldBank, t: Union[float, Tensor], g_pot: Optional[Ten
     """Per-step parameters of both banks: ``(PotentialParams | None, HamiltonianParams | MLPParams | None)``.
 
     Evaluated once per step, differentiable in t and the parameters. Given the coefficients
-    ``g_pot: (B, Kp)`` / ``g_rot: (B, Kr)``, the parameters of the fields with no active pair are
-    zeros here (their gradients exactly 0), so a NaN/Inf they hold reaches no backend.
+    ``g_pot: (B, Kp)`` / ``g_rot: (B, Kr)``, the fields with no active pair get exactly 0 gradients
+    and a NaN/Inf they hold reaches no output (:func:`sta.fields.gate`).
     """
     pot = fields.potential.prepare(t, _active_fields(g_pot)) if fields.num_potential else None
     rot = fields.rotational.prepare(t, _active_fields(g_rot)) if fields.num_rotational else None
@@ -250,8 +250,10 @@ def flow_step(
           the rows it touches: row b of z, a NaN coefficient (NaN != 0, so the pair is active),
           the active pairs of a field with non-finite parameters.
         * Inactive pairs give exactly zero outputs and gradients whatever the field's parameters
-          hold: a field with no active pair in the batch is replaced by zeros before dispatch, so
-          its gradients, and the gradient of t, are exactly 0 even if its parameters are NaN.
+          hold: no backend reads a field with no active pair in the batch, its time-embedding
+          weights are zeroed before e(t) and its parameters' gradients are zeroed
+          (:func:`sta.fields.gate`), so its gradients, and the gradient of t, are exactly 0 even if
+          its parameters are NaN.
 
     Raises:
         TypeError / ValueError naming the argument for bad shapes, dtypes, devices or values;

@@ -83,9 +83,9 @@ def flow_path(
         :class:`FlowPathOut`: z (B, T+1, D), div (B, T), hj (B, T, Kp), div_rot (B, T, Kr),
         curl (B, T, Kp+Kr), u (B, T, Kp); None unless requested.
 
-    The field parameters that do not depend on t are prepared once, with the fields that have no
-    active pair anywhere in the path replaced by zeros (so, as for flow_step, their gradients are
-    exactly 0 whatever they hold).
+    The field parameters that do not depend on t are prepared once; as for flow_step, the fields
+    that have no active pair anywhere in the path get exactly 0 gradients whatever they hold
+    (:func:`sta.fields.gate`).
     """
     if not isinstance(fields, FieldBank):
         raise TypeError(f"fields: expected a sta.FieldBank, got {type(fields).__name__}")

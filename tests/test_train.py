@@ -440,6 +440,34 @@ def test_bad_resume_and_config_errors(tmp_path):
         tiny(steps=-1).validate()
     with pytest.raises(ConfigError, match="unknown key"):
         tiny(**{"model.width": 3})
+    with pytest.raises(ConfigError, match="compile: expected true or false"):
+        tiny(compile="yes").validate()
+
+
+def test_compile_switch_trains_through_torch_compile(tmp_path, monkeypatch):
+    """TrainConfig.compile hands model.elbo to torch.compile once and trains with what it returns
+    (the compile itself takes ~45 s on the tiny preset: measured in benchmarks/bench_train.py)."""
+    compiled = []
+
+    def spy(fn, **kwargs):
+        compiled.append(fn)
+
+        def run(*args, **kw):
+            run.calls += 1
+            return fn(*args, **kw)
+
+        run.calls = 0
+        compiled.append(run)
+        return run
+
+    monkeypatch.setattr(torch, "compile", spy)
+    eager = train(tiny(steps=3), str(tmp_path / "eager"), progress=False)
+    assert not compiled
+    model = train(tiny(steps=3, compile=True), str(tmp_path / "compiled"), progress=False)
+    assert len(compiled) == 2 and compiled[0].__self__ is model and compiled[0].__name__ == "elbo"
+    assert compiled[1].calls == 3
+    for p, q in zip(model.parameters(), eager.parameters()):  # the same run: only the call path differs
+        assert torch.equal(p, q)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -76,7 +76,7 @@ def schedules(config: TrainConfig, step: int) -> Schedule:
 
 #: What ``train(..., resume=True, update={...})`` may change in a stored run: the optimisation knobs
 #: (the model, data, seed and schedules define the run and stay as stored).
-RESUME_KEYS = ("lr", "grad_clip", "max_nonfinite_steps", "log_every", "checkpoint_every")
+RESUME_KEYS = ("lr", "grad_clip", "max_nonfinite_steps", "log_every", "checkpoint_every", "compile")
 
 
 def train(config: TrainConfig, out: Optional[str] = None, resume: bool = False, progress: bool = True,
@@ -201,6 +201,9 @@ def _train(config: TrainConfig, out, resume, progress, ctx, update) -> STAModel:
     if step == 0:
         checkpoint(0)  # a run that diverges before its first periodic checkpoint still has a good one
 
+    # torch.compile: the first steps compile (and recompile once the schedule's floats vary and once
+    # the slab phase starts), later steps reuse the graphs.
+    elbo = torch.compile(model.elbo) if config.compile else model.elbo
     bar = progress_bar(config.steps, f"{config.model.model} {config.dataset}", progress and ctx.main, step)
     metrics_file = open(os.path.join(out, "metrics.jsonl"), "a") if (ctx.main and out) else None
     nonfinite, first_nonfinite, skipped_total = 0, None, 0
@@ -210,7 +213,7 @@ def _train(config: TrainConfig, out, resume, progress, ctx, update) -> STAModel:
             idx = batch_indices(step, x_all.shape[0], config.batch_size, config.seed, ctx.rank, ctx.world)
             x = x_all[idx].to(ctx.device)
             temperature, slab, kl_weight = schedules(config, step)
-            terms = model.elbo(x, temperature=temperature, slab=slab, kl_weight=kl_weight)
+            terms = elbo(x, temperature=temperature, slab=slab, kl_weight=kl_weight)
             optimizer.zero_grad(set_to_none=True)
             terms.loss.backward()
             scalars = terms.scalars()
