@@ -50,22 +50,27 @@ _CALIBRATION_PROBES = 256
 
 
 class _GateGradient(torch.autograd.Function):
-    """Identity forward; the backward zeroes the gradient slices of the fields that are not active."""
+    """Identity forward (views, no copy); the backward zeroes the gradient slices of the fields
+    that ``mask`` marks inactive. One application gates all the parameters of a bank: each
+    ``apply`` costs a few microseconds of Python, a measurable part of a small step."""
 
     @staticmethod
-    def forward(ctx, param: Tensor, mask: Tensor) -> Tensor:
-        ctx.save_for_backward(mask)
-        return param.view_as(param)
+    def forward(ctx, active: Tensor, *params: Tensor) -> tuple:
+        ctx.save_for_backward(active)
+        return tuple(p.view_as(p) for p in params)
 
     @staticmethod
-    def backward(ctx, grad: Tensor):
-        (mask,) = ctx.saved_tensors
-        return torch.where(mask, grad, grad.new_zeros(())), None
+    def backward(ctx, *grads):
+        (active,) = ctx.saved_tensors
+        return (None,) + tuple(
+            None if g is None else torch.where(active.reshape((-1,) + (1,) * (g.dim() - 1)), g, g.new_zeros(()))
+            for g in grads)
 
 
-def gate(param: Tensor, active: Optional[Tensor]) -> Tensor:
-    """``param: (K, ...)`` whose gradient is exactly 0 in the slices of the fields that are not
-    ``active: (K,) bool`` (``torch.where`` in the backward: ``0 * NaN`` is NaN, ``where`` is 0).
+def gate(active: Optional[Tensor], *params: Tensor) -> tuple:
+    """``params``, each ``(K, ...)``, with gradients that are exactly 0 in the slices of the fields
+    that are not ``active: (K,) bool`` (``torch.where`` in the backward: ``0 * NaN`` is NaN, ``where``
+    is 0). Returns a tuple, one entry per param.
 
     The values pass unchanged (no copy): every product a step forms from a field's parameters
     (``M = A W^T``, ``Pdiv``, the curl matrices) stays within that field, and a backend reads only
@@ -74,11 +79,11 @@ def gate(param: Tensor, active: Optional[Tensor]) -> Tensor:
     the forward instead cost a full copy of every (K, H, D) parameter per step: benchmarks/
     bench_flow_step.py S3 (D = H = 1024) forward 269 ms against 168 ms without it.
     :func:`zero_inactive` is the forward version, for a parameter whose product mixes the fields.
-    ``active=None`` returns ``param`` itself.
+    ``active=None`` returns ``params`` themselves.
     """
     if active is None:
-        return param
-    return _GateGradient.apply(param, active.reshape((-1,) + (1,) * (param.dim() - 1)))
+        return params
+    return _GateGradient.apply(active, *params)
 
 
 def zero_inactive(param: Tensor, active: Optional[Tensor]) -> Tensor:
@@ -182,8 +187,10 @@ class PotentialFields(nn.Module):
         """
         e, de = self.time(as_time_tensor(t, self.W), active)
         if reuse is not None:
-            return reuse._replace(c=gate(self.b, active) + e, de=de)
-        return PotentialParams(gate(self.W, active), gate(self.b, active) + e, gate(self.a, active), de)
+            (b,) = gate(active, self.b)
+            return reuse._replace(c=b + e, de=de)
+        W, b, a = gate(active, self.W, self.b, self.a)
+        return PotentialParams(W, b + e, a, de)
 
     def potential(self, z: Tensor, t: Union[float, Tensor]) -> Tensor:
         """Plain evaluation of every field: ``z: (B, D) -> u: (B, K)``."""
@@ -262,9 +269,10 @@ class RotationalFields(nn.Module):
         if self.construction != "hamiltonian":
             raise ValueError("skew(): only the 'hamiltonian' construction has a skew matrix")
         if self.rank is None:
-            P = gate(self.P, active)
+            (P,) = gate(active, self.P)
             return P - P.transpose(1, 2)
-        uv = gate(self.U, active) @ gate(self.V, active).transpose(1, 2)
+        U, V = gate(active, self.U, self.V)
+        uv = U @ V.transpose(1, 2)
         return uv - uv.transpose(1, 2)
 
     def prepare(self, t: Union[float, Tensor], active: Optional[Tensor] = None,
@@ -280,14 +288,16 @@ class RotationalFields(nn.Module):
         e, _ = self.time(as_time_tensor(t, ref), active)
         if reuse is not None:
             if self.construction == "hamiltonian":
-                return reuse._replace(c=gate(self.b, active) + e)
-            return reuse._replace(c1=gate(self.b1, active) + e)
+                (b,) = gate(active, self.b)
+                return reuse._replace(c=b + e)
+            (b1,) = gate(active, self.b1)
+            return reuse._replace(c1=b1 + e)
         if self.construction == "hamiltonian":
-            W = gate(self.W, active)
+            W, b, a = gate(active, self.W, self.b, self.a)
             M = self.skew(active) @ W.transpose(1, 2)  # (K, D, H): r_k = M_k (a_k * s')
-            return HamiltonianParams(W, gate(self.b, active) + e, gate(self.a, active), M)
-        return MLPParams(gate(self.W1, active), gate(self.b1, active) + e, gate(self.W2, active),
-                         gate(self.b2, active))
+            return HamiltonianParams(W, b + e, a, M)
+        W1, b1, W2, b2 = gate(active, self.W1, self.b1, self.W2, self.b2)
+        return MLPParams(W1, b1 + e, W2, b2)
 
     def velocity(self, z: Tensor, t: Union[float, Tensor]) -> Tensor:
         """Plain evaluation of every field: ``z: (B, D) -> r: (B, K, D)``."""

@@ -252,6 +252,10 @@ def test_nan_parameters_of_a_field_no_sample_uses_change_nothing(backend, rotati
                 p[1] = values
         zz, t, gg = z.clone().requires_grad_(), torch.tensor(0.3, requires_grad=True), g.clone().requires_grad_()
         out = sta.flow_step(zz, t, gg, gg, bank, outputs=ALL, backend=backend)
+        with torch.no_grad():  # no gradient recorded: the gate is skipped, the outputs are the same
+            again = sta.flow_step(zz, t, gg, gg, bank, outputs=ALL, backend=backend)
+        for name in ALL:
+            assert torch.equal(getattr(again, name), getattr(out, name)), name
         loss = sum(o.square().sum() for o in out)
         grads = torch.autograd.grad(loss, [zz, t, gg, *bank.parameters()], allow_unused=True)
         return out, [torch.zeros(()) if gr is None else gr for gr in grads]
