@@ -221,7 +221,8 @@ def laplace_rsample(m: Tensor, b: Tensor, generator: Optional[torch.Generator] =
     """
     m, b = torch.broadcast_tensors(torch.as_tensor(m), torch.as_tensor(b))
     eps = torch.finfo(m.dtype).eps
-    u = torch.rand(m.shape, generator=generator, dtype=m.dtype, device=m.device) * (2.0 - eps) - (1.0 - eps)
+    # empty_like(...).uniform_ draws what torch.rand(m.shape, ...) draws, and compiles with a dynamic batch size
+    u = torch.empty_like(m).uniform_(generator=generator) * (2.0 - eps) - (1.0 - eps)
     return m - b * torch.sign(u) * torch.log1p(-u.abs())
 
 
@@ -253,7 +254,7 @@ def gumbel_sigmoid(
     if not temperature > 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
     tiny = torch.finfo(logits.dtype).tiny
-    u = torch.rand(logits.shape, generator=generator, dtype=logits.dtype, device=logits.device)
+    u = torch.empty_like(logits).uniform_(generator=generator)  # = torch.rand(logits.shape, ...), see laplace_rsample
     u = u.clamp(tiny, 1.0 - torch.finfo(logits.dtype).eps)
     noise = torch.log(u) - torch.log1p(-u)
     soft = torch.sigmoid((logits + noise) / temperature)

@@ -372,7 +372,9 @@ def translation_step(z: Tensor, g: Tensor, directions: Tensor) -> FlowStepOut:
 
 
 def reparameterise(mu: Tensor, logvar: Tensor, generator) -> Tensor:
-    eps = torch.randn(mu.shape, generator=generator, dtype=mu.dtype, device=mu.device)
+    # empty_like(...).normal_ draws what torch.randn(mu.shape, ...) draws, and unlike it compiles
+    # with a dynamic batch size (torch.compile cannot build randn from symbolic sizes and a generator)
+    eps = torch.empty_like(mu).normal_(generator=generator)
     return mu + torch.exp(0.5 * logvar) * eps
 
 
