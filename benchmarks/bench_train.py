@@ -162,6 +162,8 @@ def bench_one(size: str, batch: int, variant: str, device: torch.device, reps: i
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
     x = torch.rand(batch, config.transitions + 1, 3, 28, 28, generator=torch.Generator().manual_seed(seed)).to(device)
     clock = None if compiled else PhaseClock(model, ("encoder", "posterior", "decoder"), device)
+    if compiled:  # each configuration compiles afresh (and cannot exhaust dynamo's recompile limit)
+        torch._dynamo.reset()
     elbo = torch.compile(model.elbo) if compiled else model.elbo
     evaluated = []
 
