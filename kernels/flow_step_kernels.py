@@ -50,6 +50,19 @@ def _tanh(x):
     return tl.where(x >= 0, t, -t)
 
 
+@triton.jit
+def _block_rows(rows_ptr, block_field_ptr, BLOCK_M: tl.constexpr):
+    """This program's block of the padded row list: its field ``k``, its row indices ``offs_m``
+    (BLOCK_M,), the sample ``b`` of each row (0 for padding) and ``valid`` (False for padding).
+    Every kernel of the flow step starts here (the routing of :mod:`sta.kernels.routing`)."""
+    pid = tl.program_id(0).to(tl.int64)
+    k = tl.load(block_field_ptr + pid).to(tl.int64)
+    offs_m = pid * BLOCK_M + tl.arange(0, BLOCK_M)
+    b = tl.load(rows_ptr + offs_m)
+    valid = b >= 0
+    return k, offs_m, tl.where(valid, b, 0), valid
+
+
 @triton.autotune(configs=autotune_configs(), key=AUTOTUNE_KEY, prune_configs_by=prune_for("_flow_step_hidden_fwd_kernel"))
 @triton.jit(do_not_specialize=["store_x2", "store_h"])  # 0/1 flags: one compiled variant
 def _flow_step_hidden_fwd_kernel(
@@ -72,12 +85,7 @@ def _flow_step_hidden_fwd_kernel(
     INPUT_PRECISION: tl.constexpr,  # tl.dot operands: see _dot
     BLOCK_M: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,  # tile sizes
 ):
-    pid = tl.program_id(0).to(tl.int64)
-    k = tl.load(block_field_ptr + pid).to(tl.int64)
-    offs_m = pid * BLOCK_M + tl.arange(0, BLOCK_M)
-    b = tl.load(rows_ptr + offs_m)
-    valid = b >= 0
-    b = tl.where(valid, b, 0)
+    k, offs_m, b, valid = _block_rows(rows_ptr, block_field_ptr, BLOCK_M)
     u_acc = tl.zeros((BLOCK_M,), dtype=tl.float32)
     lap_acc = tl.zeros((BLOCK_M,), dtype=tl.float32)
     dudt_acc = tl.zeros((BLOCK_M,), dtype=tl.float32)
@@ -176,12 +184,7 @@ def _flow_step_fwd_kernel(
     INPUT_PRECISION: tl.constexpr,  # tl.dot operands: see _dot
     BLOCK_M: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,  # tile sizes
 ):
-    pid = tl.program_id(0).to(tl.int64)
-    k = tl.load(block_field_ptr + pid).to(tl.int64)
-    offs_m = pid * BLOCK_M + tl.arange(0, BLOCK_M)
-    b = tl.load(rows_ptr + offs_m)
-    valid = b >= 0
-    b = tl.where(valid, b, 0)
+    k, offs_m, b, valid = _block_rows(rows_ptr, block_field_ptr, BLOCK_M)
     gw = tl.load(g_ptr + b * stride_gb + k * stride_gk, mask=valid, other=0.0).to(tl.float32)
     vsq = tl.zeros((BLOCK_M,), dtype=tl.float32)
     divrow = tl.zeros((BLOCK_M,), dtype=tl.float32)
@@ -251,12 +254,7 @@ def _flow_step_bwd_kernel(
     INPUT_PRECISION: tl.constexpr,  # tl.dot operands: see _dot
     BLOCK_M: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,  # tile sizes
 ):
-    pid = tl.program_id(0).to(tl.int64)
-    k = tl.load(block_field_ptr + pid).to(tl.int64)
-    offs_m = pid * BLOCK_M + tl.arange(0, BLOCK_M)
-    b = tl.load(rows_ptr + offs_m)
-    valid = b >= 0
-    b = tl.where(valid, b, 0)
+    k, offs_m, b, valid = _block_rows(rows_ptr, block_field_ptr, BLOCK_M)
     gw = tl.load(g_ptr + b * stride_gb + k * stride_gk, mask=valid, other=0.0).to(tl.float32)
     gdivb = tl.load(gdiv_ptr + b * stride_gdiv, mask=valid, other=0.0).to(tl.float32)
     go1 = tl.load(go1_ptr + b * stride_go1b + k * stride_go1k, mask=valid, other=0.0).to(tl.float32)
@@ -320,12 +318,7 @@ def _flow_step_hidden_bwd_kernel(
     INPUT_PRECISION: tl.constexpr,  # tl.dot operands: see _dot
     BLOCK_M: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,  # tile sizes
 ):
-    pid = tl.program_id(0).to(tl.int64)
-    k = tl.load(block_field_ptr + pid).to(tl.int64)
-    offs_m = pid * BLOCK_M + tl.arange(0, BLOCK_M)
-    b = tl.load(rows_ptr + offs_m)
-    valid = b >= 0
-    b = tl.where(valid, b, 0)
+    k, offs_m, b, valid = _block_rows(rows_ptr, block_field_ptr, BLOCK_M)
     gw = tl.load(g_ptr + b * stride_gb + k * stride_gk, mask=valid, other=0.0).to(tl.float32)
     glap = gw * tl.load(gdiv_ptr + b * stride_gdiv, mask=valid, other=0.0).to(tl.float32)
     go1 = tl.load(go1_ptr + b * stride_go1b + k * stride_go1k, mask=valid, other=0.0).to(tl.float32)
@@ -407,12 +400,7 @@ def _flow_step_dz_bwd_kernel(
     INPUT_PRECISION: tl.constexpr,  # tl.dot operands: see _dot
     BLOCK_M: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,  # tile sizes
 ):
-    pid = tl.program_id(0).to(tl.int64)
-    k = tl.load(block_field_ptr + pid).to(tl.int64)
-    offs_m = pid * BLOCK_M + tl.arange(0, BLOCK_M)
-    b = tl.load(rows_ptr + offs_m)
-    valid = b >= 0
-    b = tl.where(valid, b, 0)
+    k, offs_m, b, valid = _block_rows(rows_ptr, block_field_ptr, BLOCK_M)
     for d0 in range(0, D, BLOCK_D):
         offs_d = d0 + tl.arange(0, BLOCK_D)
         md = offs_d < D
