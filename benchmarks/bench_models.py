@@ -15,6 +15,8 @@ model on the seeds it finished.
     python benchmarks/bench_models.py --models sta --variant "floor=model.spike_floor=0.01" \
         --name spike_floor_digits       # an ablation: sta against sta with one setting changed
 
+``--set KEY=VALUE`` (repeatable) applies a ``sta train --set`` override to every run (e.g.
+``--set model.spike_floor=0`` reproduces the tables made before that default changed).
 A variant (``--variant LABEL=KEY=VALUE[;KEY=VALUE...]``, repeatable) is a model of its own in the
 tables, named LABEL: sta (or the kind its overrides set with ``model.model=...``) trained with the
 ``sta train --set`` overrides given, on the same seeds, and compared per seed with plain sta.
@@ -58,10 +60,10 @@ _ORDER = ("dense", "sta", "linear", "slowvae", "static", "betavae")
 
 
 def result_row(name: str, seed: int, dataset: str, preset_name: str, result: dict, train_s: float, eval_s: float,
-               threads: int, overrides: tuple = (), evaluated=None) -> dict:
+               threads: int, overrides: tuple = (), evaluated=None, common: tuple = ()) -> dict:
     """The CSV row of one finished run from its evaluation (``sta.evaluate`` result / eval.json);
-    ``overrides``: a variant's ``--set`` overrides, ``evaluated``: the run's mean fraction of
-    evaluated flow pairs (None for kinds without fields)."""
+    ``overrides``: a variant's ``--set`` overrides, ``common``: the ``--set`` overrides of every
+    run, ``evaluated``: the run's mean fraction of evaluated flow pairs (1 for kinds without fields)."""
     per = result["equivariance_error_per_transformation"]
 
     def rounded(value, digits):
@@ -87,6 +89,7 @@ def result_row(name: str, seed: int, dataset: str, preset_name: str, result: dic
         "threads": threads,
         "pairs_evaluated": rounded(evaluated, 4),
         "overrides": ";".join(overrides),
+        "set": ";".join(common),
     }
     return row
 
@@ -114,17 +117,17 @@ def parse_variant(text: str) -> tuple:
 
 
 def run_one(name: str, seed: int, dataset: str, preset_name: str, steps, runs: str, threads: int,
-            resume: bool = False, variant: tuple = ()) -> dict:
+            resume: bool = False, variant: tuple = (), common: tuple = ()) -> dict:
     """Train and evaluate one (model, seed); returns its CSV row. ``name`` is a kind, or a variant's
     label with its overrides in ``variant`` (applied last, on top of kind sta). With ``resume``, a
     run directory that already holds a finished run of the same configuration (its ``bench.json``)
-    is reused."""
+    is reused. ``common``: ``--set`` overrides of every run, applied before the variant's."""
     torch.set_num_threads(threads)
     kind = "sta" if variant else name
     overrides = [f'model.model="{kind}"', f'dataset="{dataset}"', f"seed={seed}", f"threads={threads}"]
     if steps is not None:
         overrides.append(f"steps={steps}")
-    overrides += list(variant)
+    overrides += list(common) + list(variant)
     config = apply_overrides(preset(preset_name), overrides)
     out = os.path.join(runs, f"{name}-s{seed}")
     done = os.path.join(out, "bench.json")
@@ -143,7 +146,7 @@ def run_one(name: str, seed: int, dataset: str, preset_name: str, steps, runs: s
     result = evaluate(out)
     eval_s = time.perf_counter() - start
     row = dict(result_row(name, seed, dataset, preset_name, result, train_s, eval_s, threads, variant,
-                          mean_logged(out, "evaluated")), git=git_sha())
+                          mean_logged(out, "evaluated"), common), git=git_sha())
     print({k: row[k] for k in ("model", "seed", "equivariance_error", "identification_accuracy", "train_s")},
           flush=True)
     with open(done + ".tmp", "w") as f:
@@ -164,6 +167,8 @@ def main(argv=None) -> int:
     parser.add_argument("--results", default=os.path.join(HERE, "results"))
     parser.add_argument("--resume", action="store_true",
                         help="reuse the finished runs in --runs (same configuration) instead of retraining them")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="common",
+                        help="a `sta train --set` override for every run (repeatable)")
     parser.add_argument("--variant", action="append", default=[], metavar="LABEL=KEY=VALUE[;KEY=VALUE]",
                         help="also train sta with these `sta train --set` overrides, as model LABEL (repeatable)")
     parser.add_argument("--name", default=None,
@@ -180,6 +185,9 @@ def main(argv=None) -> int:
         variants = dict(parse_variant(v) for v in args.variant)
     except ValueError as err:
         parser.error(str(err))
+    bad = [o for o in args.common if "=" not in o]
+    if bad:
+        parser.error(f"--set: expected KEY=VALUE, got {bad[0]!r}")
     names = list(args.models) + list(variants)
 
     runs = args.runs or os.path.join(ROOT, "runs", f"bench-{args.dataset}-{args.preset}")
@@ -207,8 +215,8 @@ def main(argv=None) -> int:
         os.replace(base + ".csv.tmp", base + ".csv")
         print(f"{len(rows)} of {len(tasks)} runs done ({wall_s / 60:.0f} min): {base}.csv", flush=True)
 
-    arguments = [(m, s, args.dataset, args.preset, args.steps, runs, threads, args.resume, variants.get(m, ()))
-                 for m, s in tasks]
+    arguments = [(m, s, args.dataset, args.preset, args.steps, runs, threads, args.resume, variants.get(m, ()),
+                  tuple(args.common)) for m, s in tasks]
     if args.jobs == 1:
         for a in arguments:
             finished(run_one(*a))
@@ -380,6 +388,7 @@ def summarize(csv_path: str, out_md: str) -> str:
     kinds = [m for m in models if m not in variants]
     cmd = (f"python benchmarks/bench_models.py --dataset {r0['dataset']} --preset {r0['preset']} "
            f"--models {' '.join(kinds)} --seeds {' '.join(map(str, seeds))}"
+           + "".join(f" --set {o}" for o in (r0.get("set") or "").split(";") if o)
            + "".join(f' --variant "{m}={o}"' for m, o in variants.items())
            + (f" --name {os.path.splitext(os.path.basename(csv_path))[0]}"
               if os.path.basename(csv_path) != f"models_{r0['dataset']}.csv" else "")

@@ -14,11 +14,12 @@ Sizes (``--sizes``; image 28x28x3, T = 8, the ``quick`` preset's conv width unle
 Variants (``--variants``), each a set of ``ModelConfig`` overrides, so a new training option is one
 line in ``VARIANTS``:
 
-    reference   backend "torch", and the path as T per-step flow_step calls (every field parameter,
-                M = A W^T included, re-formed at every step): how sta trained before flow_path
-    fast        the package defaults (backend "auto": the fastest available backend)
-    sparse      fast + spike_floor 0.01 (relaxed spikes below 1e-2 are skipped). On random frames
-                at initialisation few spikes are that small; after training about half are.
+    reference   backend "torch", spike_floor 0, and the path as T per-step flow_step calls (every
+                field parameter, M = A W^T included, re-formed at every step): how sta trained
+                before flow_path
+    fast        the package defaults (backend "auto": the fastest available backend; spike_floor
+                0.01: relaxed spikes below 1e-2 are skipped; on random frames at initialisation few
+                spikes are that small, after training about half are)
     bf16        fast + the conv networks under bf16 autocast (TrainConfig.precision = "bf16")
     compiled    fast + ``torch.compile(model.elbo)`` (TrainConfig.compile); its first iteration (the
                 compile) is reported apart, and the phase split is not measured (the hooks that
@@ -59,9 +60,8 @@ SIZES = {
 #: name -> (ModelConfig overrides, network dtype under autocast or None, per-step flow_step path,
 #: torch.compile the ELBO)
 VARIANTS = {
-    "reference": (dict(backend="torch"), None, True, False),
+    "reference": (dict(backend="torch", spike_floor=0.0), None, True, False),
     "fast": (dict(), None, False, False),
-    "sparse": (dict(spike_floor=0.01), None, False, False),
     "bf16": (dict(), torch.bfloat16, False, False),
     "compiled": (dict(), None, False, True),
 }

@@ -62,6 +62,12 @@ class _GateGradient(torch.autograd.Function):
     @staticmethod
     def backward(ctx, *grads):
         (active,) = ctx.saved_tensors
+        # Every field active (the usual case in training): nothing to zero. On the CPU the check
+        # reads host memory (no device to wait for) and saves a pass over every gradient, 6-24% of
+        # a D = H = 1024 step's backward (bench_flow_step S3); on a GPU it would be a sync, so the
+        # where always runs there.
+        if active.device.type == "cpu" and bool(active.numpy().all()):
+            return (None,) + grads
         return (None,) + tuple(
             None if g is None else torch.where(active.reshape((-1,) + (1,) * (g.dim() - 1)), g, g.new_zeros(()))
             for g in grads)

@@ -105,7 +105,8 @@ def test_variant_is_a_model_of_its_own_compared_with_sta(tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS="1")
     env.pop("STA_BACKEND", None)
     cmd = [sys.executable, os.path.join(REPO, "benchmarks", "bench_models.py"), "--preset", "tiny", "--steps", "4",
-           "--models", "sta", "--variant", "floor=model.spike_floor=0.5", "--seeds", "0", "1", "--jobs", "1",
+           "--models", "sta", "--set", "model.spike_floor=0", "--variant", "floor=model.spike_floor=0.5",
+           "--seeds", "0", "1", "--jobs", "1",
            "--name", "ablation", "--runs", str(tmp_path / "runs"), "--results", str(tmp_path / "results")]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -114,6 +115,7 @@ def test_variant_is_a_model_of_its_own_compared_with_sta(tmp_path):
     assert [(r["model"], r["seed"]) for r in rows] == [("sta", "0"), ("sta", "1"), ("floor", "0"), ("floor", "1")]
     for r in rows:
         evaluated = float(r["pairs_evaluated"])
+        assert r["set"] == "model.spike_floor=0"  # --set reaches every run; a variant's overrides come after
         if r["model"] == "sta":
             assert evaluated == 1.0 and r["overrides"] == ""
         else:  # tiny, untrained: about half the relaxed spikes are below 0.5
@@ -122,7 +124,8 @@ def test_variant_is_a_model_of_its_own_compared_with_sta(tmp_path):
         assert ('"spike_floor": 0.5' in config) == (r["model"] == "floor")
     md = (tmp_path / "results" / "ablation.md").read_text()
     assert "| floor | " in md and "-ELBO / sequence (nats), sta vs floor: " in md
-    assert "`floor`: `model.spike_floor=0.5`" in md and '--variant "floor=model.spike_floor=0.5" --name ablation' in md
+    assert "`floor`: `model.spike_floor=0.5`" in md
+    assert '--set model.spike_floor=0 --variant "floor=model.spike_floor=0.5" --name ablation' in md
 
 
 @pytest.mark.parametrize("text", ["floor", "floor=", "=model.x=1", "sta=model.spike_floor=0.1", "a b=model.x=1",
@@ -131,3 +134,9 @@ def test_bench_models_rejects_bad_variants(text, capsys):
     with pytest.raises(SystemExit) as exit_info:
         bench_models.main(["--variant", text])
     assert exit_info.value.code == 2 and "--variant: " in capsys.readouterr().err
+
+
+def test_bench_models_rejects_a_bad_set(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        bench_models.main(["--set", "model.spike_floor"])
+    assert exit_info.value.code == 2 and "--set: expected KEY=VALUE" in capsys.readouterr().err

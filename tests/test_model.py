@@ -110,7 +110,7 @@ def test_elbo_finite_terms_and_gradient_reaches_every_parameter(model, rotationa
     scalars = terms.scalars()
     assert set(scalars) == {"recon", "kl_z0", "kl_path", "kl_spike", "kl_slab", "hj", "div", "nelbo", "loss",
                             "evaluated"}
-    assert scalars["evaluated"] == 1.0  # spike_floor 0: every pair is evaluated (relaxed spikes are never 0)
+    assert 0.0 < scalars["evaluated"] <= 1.0  # relaxed spikes below the default floor (0.01) are skipped
     for name, value in terms._asdict().items():
         assert value.dim() == 0, f"{name}: expected a 0-dim tensor, got shape {tuple(value.shape)}"
         assert math.isfinite(scalars[name]), f"{name} = {scalars[name]}"

@@ -63,7 +63,8 @@ class ELBOTerms(NamedTuple):
               is minimised; kl_weight < 1 only during a KL warm-up, kl_scale = beta for betavae and
               1 otherwise, so loss = nelbo + hj + div after the warm-up for every other kind)
     evaluated: a diagnostic, not part of the loss: the fraction of (sample, transition, field)
-              pairs the flow evaluates (coefficient != 0); below 1 only with ``spike_floor > 0``,
+              pairs the flow evaluates (coefficient != 0); below 1 only with ``spike_floor > 0``
+              (the default, 0.01),
               1 for kinds without flow pairs (static, betavae, slowvae: nothing is skipped)
     """
 
