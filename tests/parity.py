@@ -148,9 +148,12 @@ def fast_backends():
     return [name for name in backends.BACKEND_NAMES if name != REFERENCE]
 
 
-def backend_param(name, *values):
-    """pytest.param(name, *values), marked ``gpu`` when the backend takes CUDA tensors only."""
+def backend_param(name, *values, slow=False):
+    """pytest.param(name, *values), marked ``gpu`` when the backend takes CUDA tensors only, and
+    ``slow`` when asked."""
     marks = [pytest.mark.gpu] if backends.get_backend(name).device_type == "cuda" else []
+    if slow:
+        marks.append(pytest.mark.slow)
     ident = "-".join([name] + [backends.dtype_name(v) if isinstance(v, torch.dtype) else str(v) for v in values])
     return pytest.param(name, *values, marks=marks, id=ident)
 
@@ -282,9 +285,13 @@ def matrix():
             for dtype in (F32, F64):
                 if dtype not in backends.get_backend(name, op).dtypes:
                     continue
+                # flow_path through the Triton interpreter is T interpreted steps (0.6-1.6 s a case):
+                # the thorough run; the quick run keeps Triton's flow_step rows and tests/test_path.py
+                # checks Triton's flow_path at T = 1
+                slow = name == "triton" and op == "flow_path" and not torch.cuda.is_available()
                 for construction in CONSTRUCTIONS:
                     for case in CASES:
-                        params.append(backend_param(name, op, dtype, construction, case))
+                        params.append(backend_param(name, op, dtype, construction, case, slow=slow))
     return params
 
 

@@ -81,6 +81,7 @@ def _op_args(kind, B=5, D=3, H=4, K=2):
     return (z, g, W, c, None, None, param(K, D, H), param(K, D), param(K, D, H), kind, False, "ieee")
 
 
+@pytest.mark.slow  # opcheck runs the op a dozen ways under the interpreter (1.5-2 s a kind)
 @pytest.mark.parametrize("kind", [fs.POTENTIAL, fs.HAMILTONIAN, fs.MLP])
 def test_opcheck(kind):
     """Schema, fake tensor, autograd registration and AOT dispatch of the registered ops."""
