@@ -62,15 +62,28 @@ class _GateGradient(torch.autograd.Function):
     @staticmethod
     def backward(ctx, *grads):
         (active,) = ctx.saved_tensors
-        # Every field active (the usual case in training): nothing to zero. On the CPU the check
-        # reads host memory (no device to wait for) and saves a pass over every gradient, 6-24% of
-        # a D = H = 1024 step's backward (bench_flow_step S3); on a GPU it would be a sync, and
-        # torch.compile cannot branch on data, so the where always runs there.
-        if active.device.type == "cpu" and not torch.compiler.is_compiling() and bool(active.numpy().all()):
-            return (None,) + grads
-        return (None,) + tuple(
-            None if g is None else torch.where(active.reshape((-1,) + (1,) * (g.dim() - 1)), g, g.new_zeros(()))
-            for g in grads)
+        if active.device.type == "cpu" and not torch.compiler.is_compiling():
+            return (None,) + tuple(_zero_inactive_cpu(g, active) for g in grads)
+        # on a GPU a look at the data would be a sync, and torch.compile cannot branch on data
+        return (None,) + tuple(None if g is None else _where_active(g, active) for g in grads)
+
+
+def _where_active(grad: Tensor, active: Tensor) -> Tensor:
+    return torch.where(active.reshape((-1,) + (1,) * (grad.dim() - 1)), grad, grad.new_zeros(()))
+
+
+def _zero_inactive_cpu(grad: Optional[Tensor], active: Tensor) -> Optional[Tensor]:
+    """``grad`` with the inactive fields' slices zeroed, reading host memory only where it can
+    skip the pass: the backends already give those slices exact zeros unless a parameter is
+    non-finite (``0 * NaN``), so a look at the inactive slices alone (nothing when every field is
+    active, the usual case in training) usually returns ``grad`` itself. A full ``where`` cost 6-24%
+    of a D = H = 1024 step's backward (bench_flow_step S3) and 0.5 ms of a 7 ms S1 step."""
+    if grad is None:
+        return None
+    inactive = (~active.reshape(-1)).nonzero().reshape(-1)
+    if inactive.numel() == 0 or not grad.detach().index_select(0, inactive).ne(0).numpy().any():
+        return grad
+    return _where_active(grad, active)
 
 
 def gate(active: Optional[Tensor], *params: Tensor) -> tuple:
