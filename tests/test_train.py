@@ -97,7 +97,8 @@ def reference_run(steps, device, tmp_dir):
     """The torch-reference run of ``steps`` steps on ``device``, once per module: (metrics, final state_dict)."""
     if (steps, device) not in _REFERENCE:
         run_dir = os.path.join(tmp_dir, f"reference{steps}{device}")
-        model = train(tiny(steps=steps, device=device, **{"model.backend": "torch"}), run_dir, progress=False)
+        model = train(tiny(steps=steps, device=device, **{"model.backend": "torch", "model.spike_floor": 0.0}),
+                      run_dir, progress=False)
         _REFERENCE[steps, device] = read_metrics(run_dir), {k: v.clone() for k, v in model.state_dict().items()}
     return _REFERENCE[steps, device]
 
@@ -115,7 +116,9 @@ def test_same_loss_curve_on_every_backend(backend, tmp_path_factory, tmp_path, m
     chosen = []
     spy_on_dispatch(monkeypatch, lambda name, impl: chosen.append((name, impl)))
     monkeypatch.setenv("STA_BACKEND", backend)
-    config = tiny(steps=steps, device=device)
+    # spike_floor 0 on both sides: with a floor, a spike within the backends' last-bit differences
+    # of it is skipped by one and not the other, and the runs part (a different gradient, not an error)
+    config = tiny(steps=steps, device=device, **{"model.spike_floor": 0.0})
     assert config.model.backend == "auto"
     model = train(config, str(tmp_path / "run"), progress=False)
     assert chosen and {name for name, _ in chosen} == {"auto"}, "the model must call flow_step(backend='auto')"
