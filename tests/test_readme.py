@@ -169,7 +169,10 @@ def _check_command(argv, monkeypatch):
             else:
                 assert spec in ("-e", "--no-build-isolation", "."), f"unchecked pip argument {spec!r}"
     elif argv[:3] == ["python", "-m", "pytest"]:
-        assert all((ROOT / a).exists() for a in args[2:] if not a.startswith("-")), argv
+        rest = args[2:]
+        valued = ("-m", "-k", "--backend", "--dtype")  # options whose next word is a value, not a path
+        paths = [a for i, a in enumerate(rest) if not a.startswith("-") and (i == 0 or rest[i - 1] not in valued)]
+        assert all((ROOT / a).exists() for a in paths), argv
     elif program == "python" and args[:1] == ["-m"]:
         assert importlib.util.find_spec(args[1]) is not None, f"{argv}: no module {args[1]}"
         if args[1] == "sta" and args[2:] != ["..."]:  # "python -m sta ..." stands for any command
