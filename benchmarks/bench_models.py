@@ -105,6 +105,11 @@ def mean_logged(run_dir: str, key: str) -> Optional[float]:
     return statistics.mean(values) if values else None
 
 
+def variant_overrides(rows: list) -> dict:
+    """``{variant label: its overrides}`` of the result rows (plain kinds have none)."""
+    return {r["model"]: r["overrides"] for r in rows if r.get("overrides")}
+
+
 def parse_variant(text: str) -> tuple:
     """``"LABEL=KEY=VALUE;KEY=VALUE"`` -> ``(LABEL, (KEY=VALUE, ...))`` (ValueError naming --variant)."""
     label, sep, rest = text.partition("=")
@@ -345,12 +350,10 @@ def markdown(rows: list, models: list, command: str, wall: str) -> str:
         "|---|" + "---:|" * (len(METRICS) + 2),
     ]
     for m in models:
-        col = lambda key: [by[m, s].get(key) for s in seeds if (m, s) in by]  # noqa: E731
-        evaluated = [v for v in col("pairs_evaluated") if _number(v) is not None]
+        col = lambda key: [by[m, s].get(key) for s in seeds if (m, s) in by]  # noqa: E731 (older CSVs lack columns)
         lines.append(f"| {m} | " + " | ".join(_summary(col(key)) for key, _, _ in METRICS)
-                     + f" | {_summary(col('train_s')).split(' [')[0]} | "
-                     + (_summary(evaluated).split(" [")[0] if evaluated else "n/a") + " |")
-    variants = {r["model"]: r["overrides"] for r in rows if r.get("overrides")}
+                     + f" | {_summary(col('train_s')).split(' [')[0]} | {_summary(col('pairs_evaluated')).split(' [')[0]} |")
+    variants = variant_overrides(rows)
     if variants:
         lines += ["", "Variants (sta with `sta train --set` overrides): "
                   + "; ".join(f"`{m}`: `{o}`" for m, o in variants.items()) + "."]
@@ -384,7 +387,7 @@ def summarize(csv_path: str, out_md: str) -> str:
                                 + [r["model"] for r in rows]))
     seeds = sorted({int(r["seed"]) for r in rows})
     r0 = rows[0]
-    variants = {r["model"]: r["overrides"] for r in rows if r.get("overrides")}
+    variants = variant_overrides(rows)
     kinds = [m for m in models if m not in variants]
     cmd = (f"python benchmarks/bench_models.py --dataset {r0['dataset']} --preset {r0['preset']} "
            f"--models {' '.join(kinds)} --seeds {' '.join(map(str, seeds))}"

@@ -3,7 +3,8 @@
 One iteration = ``model.elbo(x)`` forward + backward + an Adam step, on random frames of the
 model's image size (the data loader is not timed). For every size x batch x variant the script
 reports the median seconds per iteration (p20/p80), a per-phase split, the fraction of
-(sample, field) pairs the flow ops were asked to evaluate, and the peak memory of one iteration.
+(sample, transition, field) pairs the flow evaluated (the ELBO's ``evaluated``), and the peak
+memory of one iteration.
 
 Sizes (``--sizes``; image 28x28x3, T = 8, the ``quick`` preset's conv width unless noted):
 
@@ -42,7 +43,7 @@ import os
 import statistics
 import sys
 import time
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 
 import torch
 
@@ -121,36 +122,6 @@ class PhaseClock:
             h.remove()
 
 
-@contextmanager
-def count_pairs():
-    """Count the coefficients handed to ``flow_step`` / ``flow_path`` by the model kinds, and how many are non-zero
-    (the pairs a backend evaluates). Yields a dict ``{"total": int, "active": int}``."""
-    counts = {"total": 0, "active": 0}
-    patched = []
-    for name, module in list(sys.modules.items()):
-        if not name.startswith("sta.models"):
-            continue
-        for op in ("flow_step", "flow_path"):  # same leading arguments: (z, t, g_pot, g_rot, ...)
-            if not hasattr(module, op):
-                continue
-            original = getattr(module, op)
-
-            def wrapper(z, t, g_pot, g_rot, *args, _original=original, **kwargs):
-                for g in (g_pot, g_rot):
-                    if isinstance(g, torch.Tensor):
-                        counts["total"] += g.numel()
-                        counts["active"] += int((g.detach() != 0).sum())
-                return _original(z, t, g_pot, g_rot, *args, **kwargs)
-
-            setattr(module, op, wrapper)
-            patched.append((module, op, original))
-    try:
-        yield counts
-    finally:
-        for module, op, original in patched:
-            setattr(module, op, original)
-
-
 def bench_one(size: str, batch: int, variant: str, device: torch.device, reps: int, seed: int = 0) -> dict:
     """Median seconds per iteration and its phase split for one configuration."""
     torch.manual_seed(seed)
@@ -165,7 +136,6 @@ def bench_one(size: str, batch: int, variant: str, device: torch.device, reps: i
     if compiled:  # each configuration compiles afresh (and cannot exhaust dynamo's recompile limit)
         torch._dynamo.reset()
     elbo = torch.compile(model.elbo) if compiled else model.elbo
-    evaluated = []
 
     def iteration(phases: dict) -> None:
         if clock:
@@ -173,7 +143,7 @@ def bench_one(size: str, batch: int, variant: str, device: torch.device, reps: i
         _sync(device)
         t0 = time.perf_counter()
         terms = elbo(x, temperature=0.5)
-        evaluated.append(terms.evaluated.detach())
+        phases.setdefault("evaluated", []).append(terms.evaluated.detach())
         _sync(device)
         t1 = time.perf_counter()
         optimizer.zero_grad(set_to_none=True)
@@ -195,22 +165,18 @@ def bench_one(size: str, batch: int, variant: str, device: torch.device, reps: i
         first: dict = {}
         iteration(first)  # warm-up: first-call costs (extension load, allocator, a compile) are not the steady state
         phases: dict = {}
-        # the compiled graph cannot hold count_pairs' host reads: it reports the ELBO's own count
-        with (nullcontext({}) if compiled else count_pairs()) as pairs:
-            for _ in range(reps):
-                iteration(phases)
+        for _ in range(reps):
+            iteration(phases)
         if clock:
             clock.remove()
         peak = peak_memory_mb(lambda: iteration({}), device)
-    if compiled:
-        pairs = {"active": float(torch.stack(evaluated[1:1 + reps]).mean()), "total": 1}
     totals = sorted(phases["total"])
     row = {
         "size": size, "D": config.latent, "K": config.num_fields, "H": config.hidden, "batch": batch,
         "variant": variant, "backend": config.backend,
         "s_per_iter": statistics.median(totals),
         "p20": totals[int(0.2 * (len(totals) - 1))], "p80": totals[int(round(0.8 * (len(totals) - 1)))],
-        "pairs_evaluated": pairs["active"] / max(pairs["total"], 1), "peak_mb": peak, "reps": reps,
+        "pairs_evaluated": float(torch.stack(phases["evaluated"]).mean()), "peak_mb": peak, "reps": reps,
         "first_iter_s": first["total"][0],
     }
     for name in PHASES:

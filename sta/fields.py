@@ -63,27 +63,22 @@ class _GateGradient(torch.autograd.Function):
     def backward(ctx, *grads):
         (active,) = ctx.saved_tensors
         if active.device.type == "cpu" and not torch.compiler.is_compiling():
-            return (None,) + tuple(_zero_inactive_cpu(g, active) for g in grads)
+            inactive = (~active).nonzero().reshape(-1)  # host memory: no device to wait for
+            return (None,) + tuple(_zero_inactive_cpu(g, active, inactive) for g in grads)
         # on a GPU a look at the data would be a sync, and torch.compile cannot branch on data
-        return (None,) + tuple(None if g is None else _where_active(g, active) for g in grads)
+        return (None,) + tuple(None if g is None else zero_inactive(g, active) for g in grads)
 
 
-def _where_active(grad: Tensor, active: Tensor) -> Tensor:
-    return torch.where(active.reshape((-1,) + (1,) * (grad.dim() - 1)), grad, grad.new_zeros(()))
-
-
-def _zero_inactive_cpu(grad: Optional[Tensor], active: Tensor) -> Optional[Tensor]:
-    """``grad`` with the inactive fields' slices zeroed, reading host memory only where it can
-    skip the pass: the backends already give those slices exact zeros unless a parameter is
-    non-finite (``0 * NaN``), so a look at the inactive slices alone (nothing when every field is
-    active, the usual case in training) usually returns ``grad`` itself. A full ``where`` cost 6-24%
-    of a D = H = 1024 step's backward (bench_flow_step S3) and 0.5 ms of a 7 ms S1 step."""
-    if grad is None:
-        return None
-    inactive = (~active.reshape(-1)).nonzero().reshape(-1)
-    if inactive.numel() == 0 or not grad.detach().index_select(0, inactive).ne(0).numpy().any():
+def _zero_inactive_cpu(grad: Optional[Tensor], active: Tensor, inactive: Tensor) -> Optional[Tensor]:
+    """``grad`` with the slices of the ``inactive`` fields (their indices) zeroed, reading host
+    memory only where it can skip the pass: the backends already give those slices exact zeros
+    unless a parameter is non-finite (``0 * NaN``), so a look at the inactive slices alone (nothing
+    when every field is active, the usual case in training) usually returns ``grad`` itself. A full
+    ``where`` cost 6-24% of a D = H = 1024 step's backward (bench_flow_step S3) and 0.5 ms of a
+    7 ms S1 step."""
+    if grad is None or inactive.numel() == 0 or not grad.detach().index_select(0, inactive).ne(0).numpy().any():
         return grad
-    return _where_active(grad, active)
+    return zero_inactive(grad, active)
 
 
 def gate(active: Optional[Tensor], *params: Tensor) -> tuple:
@@ -106,9 +101,10 @@ def gate(active: Optional[Tensor], *params: Tensor) -> tuple:
 
 
 def zero_inactive(param: Tensor, active: Optional[Tensor]) -> Tensor:
-    """``param: (K, ...)`` with the slices of the fields that are not ``active: (K,) bool`` set to 0,
-    for a parameter whose product sums over the fields: the time embedding's ``e(t)`` feeds the
-    gradient of the shared ``t``, where ``0 * NaN`` would be NaN. ``active=None`` returns ``param``."""
+    """``param: (K, ...)`` with the slices of the fields that are not ``active: (K,) bool`` set to 0
+    (``torch.where``: ``0 * NaN`` would be NaN). For a parameter whose product sums over the fields
+    (the time embedding's ``e(t)`` feeds the gradient of the shared ``t``), and for the gradients in
+    :func:`gate`'s backward. ``active=None`` returns ``param``."""
     if active is None:
         return param
     return torch.where(active.reshape((-1,) + (1,) * (param.dim() - 1)), param, param.new_zeros(()))

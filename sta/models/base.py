@@ -63,9 +63,9 @@ class ELBOTerms(NamedTuple):
               is minimised; kl_weight < 1 only during a KL warm-up, kl_scale = beta for betavae and
               1 otherwise, so loss = nelbo + hj + div after the warm-up for every other kind)
     evaluated: a diagnostic, not part of the loss: the fraction of (sample, transition, field)
-              pairs the flow evaluates (coefficient != 0); below 1 only with ``spike_floor > 0``
-              (the default, 0.01),
-              1 for kinds without flow pairs (static, betavae, slowvae: nothing is skipped)
+              pairs the flow evaluates (coefficient != 0): below 1 for spikes under
+              ``spike_floor`` (default 0.01) and for relaxed spikes that underflow to 0 at a low
+              temperature; 1 for kinds without flow pairs (static, betavae, slowvae)
     """
 
     recon: Tensor
