@@ -16,8 +16,8 @@
 //     // A' = A (Rows::kPairs) or A[pair_sample] (Rows::kSamples), act = tanh or identity
 //     void mm(const Tensor& out, const Tensor& A, Rows rows, const Tensor& mats, bool trans,
 //             const Routing& r, const Tensor& bias, bool act_tanh) const;
-//     void outer_add(const Tensor& grad, const Tensor& X, const Tensor& Y, const Routing& r) const;
-//         // grad[k] += X[seg_k]^T Y[seg_k]
+//     void outer(const Tensor& grad, const Tensor& X, const Tensor& Y, const Routing& r, bool accumulate) const;
+//         // grad[k] = X[seg_k]^T Y[seg_k] (0 for an empty segment), or += with accumulate
 //     void colsum(const Tensor& out, const Tensor& X, const Routing& r) const;
 //         // out (K, L, N) = per-field sums of X (L, r.rows, N) over the pair segments (0 if empty)
 //     template <class Args> void for_pairs(const Routing& r, int64_t row_cost, const Args& a) const;
@@ -240,8 +240,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> potential_bwd(
                                          grad_c.data_ptr<T>(), grad_a.data_ptr<T>(), grad_de.data_ptr<T>(), H, D};
     dev.for_rows(K * H, 2 * D + 8, PA);
   });
-  dev.outer_add(grad_W, S, G, r);   // v = W^T Qx  (Qx = q or w q, see flow_math.h)
-  dev.outer_add(grad_W, GQ, X, r);  // h = W x + c
+  dev.outer(grad_W, S, G, r, true);   // v = W^T Qx  (Qx = q or w q, see flow_math.h)
+  dev.outer(grad_W, GQ, X, r, true);  // h = W x + c
   return {grad_z, grad_g, grad_W, grad_c, grad_a, grad_de};
 }
 
@@ -294,12 +294,12 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> hamiltonian_b
   const int64_t B = z.size(0), D = z.size(1), K = W.size(0), H = W.size(1);
   const auto opt = z.options();
   Tensor grad_z = at::empty({B, D}, opt), grad_g = at::empty({B, K}, opt);
-  Tensor grad_W = at::zeros_like(W), grad_M = at::zeros_like(M);
+  Tensor grad_W = at::empty_like(W), grad_M = at::empty_like(M);  // written whole by dev.outer
   Tensor grad_c = at::empty({K, H}, opt), grad_a = at::empty({K, H}, opt);
-  Tensor grad_C = C.defined() ? at::zeros_like(C) : at::zeros({0}, opt);
   const Dev dev(z);
   const Routing r = dev.route(g);
   const bool curl = C.defined() && gcurl.defined();
+  Tensor grad_C = !C.defined() ? at::zeros({0}, opt) : curl ? at::empty_like(C) : at::zeros_like(C);
   const Tensor X = dev.gather(z, D, r);
   Tensor S = pair_buffer(r, H, z);
   dev.mm(S, X, Rows::kPairs, W, kTrans, r, c, kTanh);
@@ -328,11 +328,11 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> hamiltonian_b
     dev.mm(GZ, GQ, Rows::kPairs, W, kNoTrans, r, Tensor(), false);
     pair_sum<T>(dev, r, grad_z, GZ, nullptr);
   });
-  dev.outer_add(grad_W, GQ, X, r);
-  dev.outer_add(grad_M, G, Q, r);  // d r / d M = gv (w q)^T
+  dev.outer(grad_W, GQ, X, r, false);
+  dev.outer(grad_M, G, Q, r, false);  // d r / d M = gv (w q)^T
   dev.colsum(grad_c.unsqueeze(1), GQ.unsqueeze(0), r);
   dev.colsum(grad_a.unsqueeze(1), A4.unsqueeze(0), r);
-  if (curl) dev.outer_add(grad_C, Dm, T_, r);  // sum gc d d^T
+  if (curl) dev.outer(grad_C, Dm, T_, r, false);  // sum gc d d^T
   return {grad_z, grad_g, grad_W, grad_c, grad_a, grad_M, grad_C};
 }
 
@@ -402,13 +402,13 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> mlp_bwd(
   const int64_t B = z.size(0), D = z.size(1), K = W1.size(0), H = W1.size(1);
   const auto opt = z.options();
   Tensor grad_z = at::empty({B, D}, opt), grad_g = at::empty({B, K}, opt);
-  Tensor grad_W1 = at::zeros_like(W1), grad_W2 = at::zeros_like(W2);
+  Tensor grad_W1 = at::empty_like(W1), grad_W2 = at::empty_like(W2);  // written whole by dev.outer
   Tensor grad_c1 = at::empty({K, H}, opt), grad_b2 = at::empty({K, D}, opt);
-  Tensor grad_Pdiv = Pdiv_in.defined() ? at::zeros_like(Pdiv_in) : at::zeros({0}, opt);
   const Dev dev(z);
   const Routing r = dev.route(g);
   // the divergence branch is differentiated only when its output received a gradient
   const Tensor Pdiv = (Pdiv_in.defined() && (gdiv.defined() || gdr.defined())) ? Pdiv_in : Tensor();
+  Tensor grad_Pdiv = !Pdiv_in.defined() ? at::zeros({0}, opt) : Pdiv.defined() ? at::empty_like(Pdiv) : at::zeros_like(Pdiv_in);
   const Tensor X = dev.gather(z, D, r);
   MlpForward f = mlp_recompute(dev, X, Rows::kPairs, W1, c1, W2, b2, Pdiv, r);
   Tensor G = dev.gather(gV, D, r);
@@ -430,10 +430,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> mlp_bwd(
     dev.mm(GZ, GS, Rows::kPairs, W1, kNoTrans, r, Tensor(), false);
     pair_sum<T>(dev, r, grad_z, GZ, nullptr);
   });
-  dev.outer_add(grad_W2, G, f.S, r);
+  dev.outer(grad_W2, G, f.S, r, false);
   dev.colsum(grad_b2.unsqueeze(1), G.unsqueeze(0), r);
-  if (Pdiv.defined()) dev.outer_add(grad_Pdiv, f.E, f.DS1, r);
-  dev.outer_add(grad_W1, GS, X, r);
+  if (Pdiv.defined()) dev.outer(grad_Pdiv, f.E, f.DS1, r, false);
+  dev.outer(grad_W1, GS, X, r, false);
   dev.colsum(grad_c1.unsqueeze(1), GS.unsqueeze(0), r);
   return {grad_z, grad_g, grad_W1, grad_c1, grad_W2, grad_b2, grad_Pdiv};
 }

@@ -111,15 +111,18 @@ class FieldTerms(NamedTuple):
 def potential_rows(z: Tensor, W: Tensor, c: Tensor, a: Tensor, de: Tensor) -> dict:
     """One potential field on rows ``z: (N, D)``; ``W: (H, D)``, ``c, a, de: (H,)``.
 
-    Returns a dict of (N,)-shaped ``u, lap, dudt, hj`` and the (N, D) gradient ``v``.
+    Returns a dict of (N,)-shaped ``u, lap, dudt, hj`` and the (N, D) gradient ``v``. Leading
+    field dimensions broadcast: ``W: (K, H, D)``, ``c, a, de: (K, H)`` evaluate K fields on the
+    same rows, every result gaining a leading ``K`` (the dense evaluations below).
     """
-    s = torch.tanh(z @ W.T + c)
+    s = torch.tanh(z @ W.mT + c[..., None, :])
     s1 = 1 - s * s
     s2 = -2 * s * s1
-    v = (a * s1) @ W
-    lap = (a * s2) @ (W * W).sum(1)
-    dudt = (a * s1) @ de
-    return {"u": s @ a, "v": v, "lap": lap, "dudt": dudt, "hj": dudt + 0.5 * (v * v).sum(1)}
+    v = (a[..., None, :] * s1) @ W
+    lap = ((a[..., None, :] * s2) @ (W * W).sum(-1)[..., None])[..., 0]
+    dudt = ((a[..., None, :] * s1) @ de[..., None])[..., 0]
+    u = (s @ a[..., None])[..., 0]
+    return {"u": u, "v": v, "lap": lap, "dudt": dudt, "hj": dudt + 0.5 * (v * v).sum(-1)}
 
 
 def hamiltonian_rows(z: Tensor, W: Tensor, c: Tensor, a: Tensor, M: Tensor,
@@ -127,14 +130,15 @@ def hamiltonian_rows(z: Tensor, W: Tensor, c: Tensor, a: Tensor, M: Tensor,
     """One hamiltonian field on rows ``z: (N, D)``; ``M: (D, H)``; curl needs ``G, N: (H, H)``.
 
     Returns ``v: (N, D)`` and, given G and N (see :func:`hamiltonian_curl_matrices`),
-    ``curl: (N,)`` = d^T G d - d^T (N o N^T) d with d = a * s''.
+    ``curl: (N,)`` = d^T G d - d^T (N o N^T) d with d = a * s''. Leading field dimensions
+    broadcast as in :func:`potential_rows`.
     """
-    s = torch.tanh(z @ W.T + c)
+    s = torch.tanh(z @ W.mT + c[..., None, :])
     s1 = 1 - s * s
-    out = {"v": (a * s1) @ M.T}
+    out = {"v": (a[..., None, :] * s1) @ M.mT}
     if G is not None:
-        d = a * (-2 * s * s1)
-        out["curl"] = ((d @ G) * d).sum(1) - ((d @ (N * N.T)) * d).sum(1)
+        d = a[..., None, :] * (-2 * s * s1)
+        out["curl"] = ((d @ G) * d).sum(-1) - ((d @ (N * N.mT)) * d).sum(-1)
     return out
 
 
@@ -153,16 +157,16 @@ def mlp_rows(z: Tensor, W1: Tensor, c1: Tensor, W2: Tensor, b2: Tensor, curl: bo
 
     Returns ``v: (N, D)``, its exact divergence ``div: (N,)`` =
     sum_i s2'_i [(W2 o W1^T) s1']_i, and, if asked, ``curl: (N,)`` from the explicit Jacobian
-    (O(D^2 H) per row: a diagnostic).
+    (O(D^2 H) per row: a diagnostic). Leading field dimensions broadcast as in :func:`potential_rows`.
     """
-    s1 = torch.tanh(z @ W1.T + c1)
+    s1 = torch.tanh(z @ W1.mT + c1[..., None, :])
     ds1 = 1 - s1 * s1
-    r = torch.tanh(s1 @ W2.T + b2)
+    r = torch.tanh(s1 @ W2.mT + b2[..., None, :])
     ds2 = 1 - r * r
-    out = {"v": r, "div": (ds2 * (ds1 @ (W2 * W1.T).T)).sum(1)}
+    out = {"v": r, "div": (ds2 * (ds1 @ (W2 * W1.mT).mT)).sum(-1)}
     if curl:
-        J = ds2[:, :, None] * ((W2 * ds1[:, None, :]) @ W1)  # (N, D, D)
-        out["curl"] = (J * J).sum((1, 2)) - (J * J.transpose(1, 2)).sum((1, 2))
+        J = ds2[..., :, :, None] * ((W2[..., None, :, :] * ds1[..., :, None, :]) @ W1[..., None, :, :])  # (..., N, D, D)
+        out["curl"] = (J * J).sum((-2, -1)) - (J * J.mT).sum((-2, -1))
     return out
 
 
@@ -170,44 +174,29 @@ def mlp_rows(z: Tensor, W1: Tensor, c1: Tensor, W2: Tensor, b2: Tensor, curl: bo
 # Dense, plain evaluations (every field at every sample): for users, plots and tests.
 # ----------------------------------------------------------------------------------------------
 
-def _dense(z: Tensor, K: int, D: int, rows) -> dict:
-    """Run ``rows(z, k)`` for every field and stack the results on dim 1."""
-    outs = [rows(z, k) for k in range(K)]
-    if not outs:
-        return {}
-    return {name: torch.stack([o[name] for o in outs], 1) for name in outs[0]}
-
+# Every field at once: the row functions above with the fields as a leading batch dimension, so one
+# batched product replaces a loop over fields (whose per-field parameter slices each cost a
+# zero-filled (K, H, D) gradient in the backward: 32 fills of 128 MB, ~1.8 s of a 15 s training
+# iteration at D = H = 1024, K = 32, before this was batched).
 
 def potential_value(z: Tensor, p: PotentialParams) -> Tensor:
     """``u_k(z)`` for every field: z: (B, D) -> (B, K)."""
-    K = p.W.shape[0]
-    if K == 0:
-        return z.new_zeros(z.shape[0], 0)
-    return _dense(z, K, z.shape[1], lambda x, k: potential_rows(x, p.W[k], p.c[k], p.a[k], p.de[k]))["u"]
+    return potential_rows(z, p.W, p.c, p.a, p.de)["u"].mT
 
 
 def potential_gradient(z: Tensor, p: PotentialParams) -> Tensor:
     """``grad u_k(z)`` for every field: z: (B, D) -> (B, K, D)."""
-    K = p.W.shape[0]
-    if K == 0:
-        return z.new_zeros(z.shape[0], 0, z.shape[1])
-    return _dense(z, K, z.shape[1], lambda x, k: potential_rows(x, p.W[k], p.c[k], p.a[k], p.de[k]))["v"]
+    return potential_rows(z, p.W, p.c, p.a, p.de)["v"].transpose(0, 1)
 
 
 def hamiltonian_velocity(z: Tensor, p: HamiltonianParams) -> Tensor:
     """``r_k(z) = M_k (a_k * s')`` for every field: z: (B, D) -> (B, K, D)."""
-    K = p.W.shape[0]
-    if K == 0:
-        return z.new_zeros(z.shape[0], 0, z.shape[1])
-    return _dense(z, K, z.shape[1], lambda x, k: hamiltonian_rows(x, p.W[k], p.c[k], p.a[k], p.M[k]))["v"]
+    return hamiltonian_rows(z, p.W, p.c, p.a, p.M)["v"].transpose(0, 1)
 
 
 def mlp_velocity(z: Tensor, p: MLPParams) -> Tensor:
     """``r_k(z) = tanh(W2 tanh(W1 z + c1) + b2)`` for every field: z: (B, D) -> (B, K, D)."""
-    K = p.W1.shape[0]
-    if K == 0:
-        return z.new_zeros(z.shape[0], 0, z.shape[1])
-    return _dense(z, K, z.shape[1], lambda x, k: mlp_rows(x, p.W1[k], p.c1[k], p.W2[k], p.b2[k]))["v"]
+    return mlp_rows(z, p.W1, p.c1, p.W2, p.b2)["v"].transpose(0, 1)
 
 
 # ----------------------------------------------------------------------------------------------

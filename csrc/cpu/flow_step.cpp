@@ -81,10 +81,21 @@ struct CpuDevice {
     if (act_tanh) out.tanh_();
   }
 
-  void outer_add(const Tensor& grad, const Tensor& X, const Tensor& Y, const Routing& r) const {
-    for_segments(r, [&](int64_t k, int64_t o, int64_t n) {
-      grad[k].addmm_(X.narrow(0, o, n).t(), Y.narrow(0, o, n));
-    });
+  // Overwriting (mm_out) rather than zero-filling and adding: at D = H = 1024, K = 32 a zero fill
+  // of a (K, D, H) gradient took 55 ms, 16 of them (hamiltonian grad_W, grad_M) per 8-step training
+  // iteration (0.9 of 15 s, benchmarks/bench_train.py d1024).
+  void outer(const Tensor& grad, const Tensor& X, const Tensor& Y, const Routing& r, bool accumulate) const {
+    const int64_t* off = r.offsets.const_data_ptr<int64_t>();
+    for (int64_t k = 0; k < r.K; ++k) {
+      const int64_t o = off[k], n = off[k + 1] - o;
+      Tensor dst = grad[k];
+      if (n > 0 && accumulate)
+        dst.addmm_(X.narrow(0, o, n).t(), Y.narrow(0, o, n));
+      else if (n > 0)
+        at::mm_out(dst, X.narrow(0, o, n).t(), Y.narrow(0, o, n));
+      else if (!accumulate)
+        dst.zero_();
+    }
   }
 
   void colsum(const Tensor& out, const Tensor& X, const Routing& r) const {

@@ -222,19 +222,20 @@ __global__ void __launch_bounds__(kMmThreads)
   }
 }
 
-// grad[k] (m x n) += X[seg_k]^T Y[seg_k]: the same tiling, with the reduction running over the
-// segment's pairs. Each output element belongs to one thread: deterministic, no atomics.
+// grad[k] (m x n) = X[seg_k]^T Y[seg_k] (or += when accumulate): the same tiling, with the reduction
+// running over the segment's pairs. Each output element belongs to one thread: deterministic, no
+// atomics. Overwriting spares the caller a zero fill of the whole (K, m, n) gradient.
 template <typename T>
 __global__ void __launch_bounds__(kMmThreads)
-    segment_outer_add_kernel(const T* __restrict__ X,             // (cap, m)
-                             const T* __restrict__ Y,             // (cap, n)
-                             T* __restrict__ grad,                // (K, m, n)
-                             const int64_t* __restrict__ offsets,  // (K + 1,)
-                             int64_t m, int64_t n) {
+    segment_outer_kernel(const T* __restrict__ X,             // (cap, m)
+                         const T* __restrict__ Y,             // (cap, n)
+                         T* __restrict__ grad,                // (K, m, n)
+                         const int64_t* __restrict__ offsets,  // (K + 1,)
+                         int64_t m, int64_t n, bool accumulate) {
   using acc = acc_t<T>;
   const int64_t k = blockIdx.z;
   const int64_t seg_begin = offsets[k], seg_end = offsets[k + 1];
-  if (seg_begin >= seg_end) return;  // nothing to add
+  if (seg_begin >= seg_end && accumulate) return;  // nothing to add (overwriting writes zeros)
   const int64_t i0 = static_cast<int64_t>(blockIdx.x) * BM, j0 = static_cast<int64_t>(blockIdx.y) * BN;
   __shared__ T Xs[BD][BM + 1];
   __shared__ T Ys[BD][BN + 1];
@@ -266,7 +267,7 @@ __global__ void __launch_bounds__(kMmThreads)
 #pragma unroll
     for (int j = 0; j < TN; ++j) {
       const int64_t col = j0 + tx + 16 * j;
-      if (col < n) g[row * n + col] = T(acc(g[row * n + col]) + c[i][j]);
+      if (col < n) g[row * n + col] = accumulate ? T(acc(g[row * n + col]) + c[i][j]) : T(c[i][j]);
     }
   }
 }
@@ -350,12 +351,12 @@ int segment_mm(const T* A, const int64_t* a_index, const T* mats, const T* bias,
 }
 
 template <typename T>
-int segment_outer_add(const T* X, const T* Y, T* grad, const int64_t* offsets, int64_t K, int64_t m, int64_t n,
-                      int64_t stream) {
+int segment_outer(const T* X, const T* Y, T* grad, const int64_t* offsets, int64_t K, int64_t m, int64_t n,
+                  bool accumulate, int64_t stream) {
   if (K <= 0 || m <= 0 || n <= 0) return cudaSuccess;
   const dim3 grid(static_cast<unsigned>(ceil_div(m, BM)), static_cast<unsigned>(ceil_div(n, BN)),
                   static_cast<unsigned>(K));
-  segment_outer_add_kernel<T><<<grid, kMmThreads, 0, as_stream(stream)>>>(X, Y, grad, offsets, m, n);
+  segment_outer_kernel<T><<<grid, kMmThreads, 0, as_stream(stream)>>>(X, Y, grad, offsets, m, n, accumulate);
   return static_cast<int>(cudaGetLastError());
 }
 
@@ -373,7 +374,7 @@ int segment_colsum(const T* X, T* out, const int64_t* offsets, int64_t K, int64_
   template int gather_rows<T>(const T*, const int64_t*, const int64_t*, int64_t, int64_t, int64_t, T*, int64_t);   \
   template int segment_mm<T>(const T*, const int64_t*, const T*, const T*, T*, const int64_t*, int64_t, int64_t,   \
                              int64_t, int64_t, bool, bool, int64_t);                                               \
-  template int segment_outer_add<T>(const T*, const T*, T*, const int64_t*, int64_t, int64_t, int64_t, int64_t);   \
+  template int segment_outer<T>(const T*, const T*, T*, const int64_t*, int64_t, int64_t, int64_t, bool, int64_t); \
   template int segment_colsum<T>(const T*, T*, const int64_t*, int64_t, int64_t, int64_t, int64_t);
 STA_CUDA_INSTANTIATE(float)
 STA_CUDA_INSTANTIATE(double)

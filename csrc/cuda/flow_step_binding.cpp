@@ -86,11 +86,12 @@ struct CudaDevice {
     });
   }
 
-  void outer_add(const Tensor& grad, const Tensor& X, const Tensor& Y, const Routing& r) const {
+  void outer(const Tensor& grad, const Tensor& X, const Tensor& Y, const Routing& r, bool accumulate) const {
     dispatch(grad, [&](auto t) {
       using T = decltype(t);
-      STA_CUDA_CHECK(segment_outer_add<T>(X.const_data_ptr<T>(), Y.const_data_ptr<T>(), grad.data_ptr<T>(),
-                                          r.offsets.const_data_ptr<int64_t>(), r.K, X.size(1), Y.size(1), stream_));
+      STA_CUDA_CHECK(segment_outer<T>(X.const_data_ptr<T>(), Y.const_data_ptr<T>(), grad.data_ptr<T>(),
+                                      r.offsets.const_data_ptr<int64_t>(), r.K, X.size(1), Y.size(1), accumulate,
+                                      stream_));
     });
   }
 

@@ -45,11 +45,12 @@ template <typename T>
 int segment_mm(const T* A, const int64_t* a_index, const T* mats, const T* bias, T* out, const int64_t* offsets,
                int64_t K, int64_t max_rows, int64_t N, int64_t depth, bool trans, bool act_tanh, int64_t stream);
 
-/// Per-field weight gradients: grad[k] += X[seg_k]^T Y[seg_k]; X: (cap, m), Y: (cap, n),
-/// grad: (K, m, n). Deterministic (each output element owned by one thread).
+/// Per-field weight gradients: grad[k] = X[seg_k]^T Y[seg_k] (0 for an empty segment), or += when
+/// accumulate; X: (cap, m), Y: (cap, n), grad: (K, m, n). Deterministic (each output element owned
+/// by one thread).
 template <typename T>
-int segment_outer_add(const T* X, const T* Y, T* grad, const int64_t* offsets, int64_t K, int64_t m, int64_t n,
-                      int64_t stream);
+int segment_outer(const T* X, const T* Y, T* grad, const int64_t* offsets, int64_t K, int64_t m, int64_t n,
+                  bool accumulate, int64_t stream);
 
 /// Per-field column sums: out[k * out_stride + c] = sum_{p in seg_k} X[p, c]  (0 for an empty
 /// segment); X: (cap, N).
