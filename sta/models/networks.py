@@ -6,9 +6,24 @@ decoder maps latents ``(N, D)`` to per-pixel logits ``(N, C, S, S)``.
 """
 from __future__ import annotations
 
+import torch
 from torch import Tensor, nn
 
 __all__ = ["ConvEncoder", "ConvDecoder"]
+
+#: The conv stacks compute in channels-last (NHWC) layout: oneDNN's CPU convolutions (and cuDNN's
+#: tensor-core ones) are faster on it. Measured on this project's AMD EPYC (1 thread, paper sizes
+#: D 324 K 3, batch 32, T 8): a training iteration 0.236 / 0.263 s -> 0.194 / 0.172 s (two
+#: alternating pairs of runs). The same maths; only the summation order inside a convolution changes.
+MEMORY_FORMAT = torch.channels_last
+
+
+def _channels_last(conv: nn.Module) -> nn.Module:
+    """``conv`` with its 4-d weights in :data:`MEMORY_FORMAT` (``.to(device)`` keeps the layout).
+
+    Applied after the initialisation: a random init fills memory in storage order, so initialising
+    NHWC weights would draw other weights from the same seed."""
+    return conv.to(memory_format=MEMORY_FORMAT)
 
 
 def _init_relu_net(net: nn.Module) -> None:
@@ -46,9 +61,10 @@ class ConvEncoder(nn.Module):
         self.conv = nn.Sequential(*layers)
         self.mlp = nn.Sequential(nn.Flatten(), nn.Linear(ch * sizes[-1] ** 2, mlp), nn.ReLU(), nn.Linear(mlp, out_features))
         _init_relu_net(self)
+        _channels_last(self.conv)  # after the init: the same logical weights for a seed as in NCHW
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.mlp(self.conv(x))
+        return self.mlp(self.conv(x.contiguous(memory_format=MEMORY_FORMAT)))
 
 
 class ConvDecoder(nn.Module):
@@ -65,7 +81,8 @@ class ConvDecoder(nn.Module):
         layers.append(nn.Conv2d(width, out_channels, 3, 1, 1))
         self.conv = nn.Sequential(*layers)
         _init_relu_net(self)
+        _channels_last(self.conv)  # after the init: the same logical weights for a seed as in NCHW
 
     def forward(self, z: Tensor) -> Tensor:
         h = self.mlp(z).view(z.shape[0], self.width, self.start, self.start)
-        return self.conv(h)
+        return self.conv(h.contiguous(memory_format=MEMORY_FORMAT))
