@@ -15,9 +15,9 @@ Sizes (``--sizes``; image 28x28x3, T = 8, the ``quick`` preset's conv width unle
 Variants (``--variants``), each a set of ``ModelConfig`` overrides, so a new training option is one
 line in ``VARIANTS``:
 
-    reference   backend "torch", spike_floor 0, and the path as T per-step flow_step calls (every
-                field parameter, M = A W^T included, re-formed at every step): how sta trained
-                before flow_path
+    reference   backend "torch", spike_floor 0, the path as T per-step flow_step calls (every
+                field parameter, M = A W^T included, re-formed at every step) and the conv
+                networks in NCHW layout: how sta trained before the training-speed work
     fast        the package defaults (backend "auto": the fastest available backend; spike_floor
                 0.01: relaxed spikes below 1e-2 are skipped; on random frames at initialisation few
                 spikes are that small, after training about half are)
@@ -44,6 +44,7 @@ import statistics
 import sys
 import time
 from contextlib import contextmanager
+from typing import NamedTuple, Optional
 
 import torch
 
@@ -51,6 +52,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _harness import RESULTS_DIR, peak_memory_mb, print_table, provenance, write_csv  # noqa: E402
 
 from sta.model import ModelConfig, STAModel  # noqa: E402
+from sta.models import networks  # noqa: E402
 from sta.path import chained_flow_path  # noqa: E402
 
 SIZES = {
@@ -58,14 +60,33 @@ SIZES = {
     "d512": dict(latent=512, num_fields=16, hidden=512),
     "d1024": dict(latent=1024, num_fields=32, hidden=1024),
 }
-#: name -> (ModelConfig overrides, network dtype under autocast or None, per-step flow_step path,
-#: torch.compile the ELBO)
+class Variant(NamedTuple):
+    """How a variant trains: ``ModelConfig`` overrides and the switches that are not config fields."""
+
+    overrides: dict
+    network_dtype: Optional[torch.dtype] = None  # the conv networks under autocast to this dtype
+    per_step: bool = False                       # the path as T per-step flow_step calls
+    compiled: bool = False                       # torch.compile(model.elbo)
+    nchw: bool = False                           # conv networks in NCHW layout (as before channels-last)
+
+
 VARIANTS = {
-    "reference": (dict(backend="torch", spike_floor=0.0), None, True, False),
-    "fast": (dict(), None, False, False),
-    "bf16": (dict(), torch.bfloat16, False, False),
-    "compiled": (dict(), None, False, True),
+    "reference": Variant(dict(backend="torch", spike_floor=0.0), per_step=True, nchw=True),
+    "fast": Variant(dict()),
+    "bf16": Variant(dict(), network_dtype=torch.bfloat16),
+    "compiled": Variant(dict(), compiled=True),
 }
+
+
+@contextmanager
+def conv_layout(nchw: bool):
+    """Build and run the conv networks in NCHW layout (the reference variant)."""
+    original = networks.MEMORY_FORMAT
+    networks.MEMORY_FORMAT = torch.contiguous_format if nchw else original
+    try:
+        yield
+    finally:
+        networks.MEMORY_FORMAT = original
 
 
 @contextmanager
@@ -124,8 +145,13 @@ class PhaseClock:
 
 def bench_one(size: str, batch: int, variant: str, device: torch.device, reps: int, seed: int = 0) -> dict:
     """Median seconds per iteration and its phase split for one configuration."""
+    with conv_layout(VARIANTS[variant].nchw):
+        return _bench_one(size, batch, variant, device, reps, seed)
+
+
+def _bench_one(size: str, batch: int, variant: str, device: torch.device, reps: int, seed: int) -> dict:
     torch.manual_seed(seed)
-    overrides, network_dtype, per_step, compiled = VARIANTS[variant]
+    overrides, network_dtype, per_step, compiled, _ = VARIANTS[variant]
     config = ModelConfig(model="sta", channels=3, image_size=28, transitions=8, conv=16,
                          **SIZES[size], **overrides)
     model = STAModel(config).to(device).train()
