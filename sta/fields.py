@@ -126,7 +126,8 @@ class TimeEmbedding(nn.Module):
     ``phi(t) = [sin(w_i t), cos(w_i t)]_i`` with ``num_frequencies`` fixed frequencies ``w_i``
     spaced geometrically in [1/max_period, 1] * 2 pi, so times 0..max_period are resolved.
 
-    Returns ``e(t) = E phi(t): (K, H)`` and ``de/dt = E dphi/dt: (K, H)``.
+    Returns ``e(t) = E phi(t): (K, H)`` and ``de/dt = E dphi/dt: (K, H)``; for a vector of times
+    ``t: (T,)``, ``(T, K, H)`` each (every step of a path in one product).
     """
 
     def __init__(self, num_fields: int, hidden: int, num_frequencies: int = 8, max_period: float = 32.0):
@@ -137,13 +138,14 @@ class TimeEmbedding(nn.Module):
         self.weight = nn.Parameter(torch.randn(num_fields, hidden, features) * (0.1 / math.sqrt(features)))
 
     def forward(self, t: Tensor, active: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
-        """t: 0-dim tensor -> (e: (K, H), de_dt: (K, H)); fields not ``active: (K,) bool`` get zeros."""
-        wt = self.frequencies.to(t.dtype) * t
-        phi = torch.cat([torch.sin(wt), torch.cos(wt)])
-        dphi = torch.cat([torch.cos(wt), -torch.sin(wt)]) * torch.cat([self.frequencies, self.frequencies]).to(t.dtype)
+        """t: 0-dim (or (T,)) tensor -> (e, de_dt), each (K, H) (or (T, K, H)); fields not
+        ``active: (K,) bool`` get zeros."""
+        wt = self.frequencies.to(t.dtype) * t[..., None]
+        phi = torch.cat([torch.sin(wt), torch.cos(wt)], -1)
+        dphi = torch.cat([torch.cos(wt), -torch.sin(wt)], -1) * torch.cat([self.frequencies, self.frequencies]).to(t.dtype)
         weight = zero_inactive(self.weight, active)  # before the product: 0 * NaN in the t-gradient is NaN
-        e = torch.einsum("khf,f->kh", weight, phi)
-        de = torch.einsum("khf,f->kh", weight, dphi)
+        e = torch.einsum("khf,...f->...kh", weight, phi)
+        de = torch.einsum("khf,...f->...kh", weight, dphi)
         return e, de
 
 
@@ -192,18 +194,14 @@ class PotentialFields(nn.Module):
     def _scale_output(self, factor: Tensor) -> None:
         self.a.mul_(factor[:, None])
 
-    def prepare(self, t: Union[float, Tensor], active: Optional[Tensor] = None,
-                reuse: Optional[PotentialParams] = None) -> PotentialParams:
+    def prepare(self, t: Union[float, Tensor], active: Optional[Tensor] = None) -> PotentialParams:
         """Per-step parameters: ``PotentialParams(W: (K,H,D), c = b + e(t): (K,H), a: (K,H), de: (K,H))``.
 
-        ``active: (K,) bool`` (or None: every field): the other fields' parameters become zeros.
-        ``reuse``: the parameters of an earlier step with the same ``active``; only the members that
-        depend on t (c, de) are recomputed (:func:`sta.flow_path` prepares a whole path this way).
+        ``active: (K,) bool`` (or None: every field): the other fields get exactly 0 gradients
+        (:func:`gate`). ``t: (T,)``, the times of a path's steps: ``c`` and ``de`` are ``(T, K, H)``
+        (row t for step t), the rest is formed once (:func:`sta.flow_path`).
         """
         e, de = self.time(as_time_tensor(t, self.W), active)
-        if reuse is not None:
-            (b,) = gate(active, self.b)
-            return reuse._replace(c=b + e, de=de)
         W, b, a = gate(active, self.W, self.b, self.a)
         return PotentialParams(W, b + e, a, de)
 
@@ -290,23 +288,16 @@ class RotationalFields(nn.Module):
         uv = U @ V.transpose(1, 2)
         return uv - uv.transpose(1, 2)
 
-    def prepare(self, t: Union[float, Tensor], active: Optional[Tensor] = None,
-                reuse: Union[HamiltonianParams, MLPParams, None] = None) -> Union[HamiltonianParams, MLPParams]:
+    def prepare(self, t: Union[float, Tensor], active: Optional[Tensor] = None) -> Union[HamiltonianParams, MLPParams]:
         """Per-step parameters (see :class:`sta.reference.HamiltonianParams` / ``MLPParams``).
 
-        ``active: (K,) bool`` (or None: every field): the other fields' parameters become zeros.
-        ``reuse``: the parameters of an earlier step with the same ``active``; only the hidden bias
-        ``b + e(t)`` is recomputed, so ``M = A W^T`` (the costly ``(K, D, D) x (K, D, H)`` product) is
-        formed once per path, not once per step.
+        ``active: (K,) bool`` (or None: every field): the other fields get exactly 0 gradients
+        (:func:`gate`). ``t: (T,)``, the times of a path's steps: the hidden bias ``b + e(t)`` is
+        ``(T, K, H)`` (row t for step t), and ``M = A W^T`` (the costly ``(K, D, D) x (K, D, H)``
+        product) is formed once for the whole path (:func:`sta.flow_path`).
         """
         ref = self.time.weight
         e, _ = self.time(as_time_tensor(t, ref), active)
-        if reuse is not None:
-            if self.construction == "hamiltonian":
-                (b,) = gate(active, self.b)
-                return reuse._replace(c=b + e)
-            (b1,) = gate(active, self.b1)
-            return reuse._replace(c1=b1 + e)
         if self.construction == "hamiltonian":
             W, b, a = gate(active, self.W, self.b, self.a)
             M = self.skew(active) @ W.transpose(1, 2)  # (K, D, H): r_k = M_k (a_k * s')

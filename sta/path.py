@@ -5,8 +5,16 @@ sequence in the batch. Calling :func:`sta.flow_step` T times re-forms, at every 
 parameters that do not depend on t -- above all ``M = A W^T`` of the hamiltonian rotational fields,
 a ``(K, D, D) x (K, D, H)`` batched product that dominated a training iteration at D = 1024, K = 32
 (see benchmarks/bench_train.py). :func:`flow_path` validates and dispatches once, prepares those
-parameters once per call (the hidden bias ``b + e(t)`` is the only per-step part), and autograd then
-accumulates their gradient across the steps into one backward product instead of T.
+parameters once per call (the hidden bias ``b + e(t)`` is the only per-step part, the time embeddings
+of all T steps one product), and autograd then accumulates their gradient across the steps into one
+backward product instead of T.
+
+The T steps are the registered op ``torch.ops.sta.flow_path`` on the prepared parameters, a
+``CompositeImplicitAutograd`` op over the chosen backend's registered step ops (on every backend):
+its fake kernel and its autograd formula are theirs. So ``torch.compile`` and ``opcheck`` see one op
+whose pieces are already checked, and the backward is the step ops' own backward, which saves each
+step's inputs and recomputes the hidden activations from them (docs/ops.md, "flow_path", says why:
+~3% of a D = 1024 iteration against 16 MB a step and new arguments for every backend's op).
 """
 from __future__ import annotations
 
@@ -15,9 +23,11 @@ from typing import Iterable, NamedTuple, Optional, Union
 import torch
 from torch import Tensor
 
-from .fields import FieldBank
-from .ops import (_active_fields, _check_inputs, _dtype_name, apply_step, float32_under_autocast, flow_step,
-                  select_backend)
+from .backends.library import register_composite_op
+from .fields import FieldBank, as_time_tensor
+from .ops import (OUTPUT_NAMES, _active_fields, _check_inputs, _dtype_name, apply_step, float32_under_autocast,
+                  flow_step, select_backend)
+from .reference import HamiltonianParams, MLPParams, PotentialParams
 
 __all__ = ["flow_path", "FlowPathOut", "chained_flow_path"]
 
@@ -106,31 +116,75 @@ def flow_path(
     # Every per-step check of flow_step (z, devices, dtypes of the parameters, t, dt, outputs), once.
     _, _, want = _check_inputs(z0, t0, g_pot[:, 0] if T else None, g_rot[:, 0] if T else None, fields, dt, outputs)
     impl = select_backend(z0, backend, op="flow_path")
+    # Everything that does not depend on t is prepared once (M = A W^T above all), the time
+    # embeddings of all T steps in one product: times (T,) -> hidden biases (T, K, H).
+    times = as_time_tensor(t0, z0) + dt * torch.arange(T, dtype=z0.dtype, device=z0.device)
     # Fields with an active pair somewhere in the path: (Kp,) / (Kr,) bool, on the device (no sync).
-    active_pot = _active_fields(g_pot.flatten(0, 1))
-    active_rot = _active_fields(g_rot.flatten(0, 1))
-    pot = rot = None
-    steps = []
-    z = z0
+    potential = rotational = []
+    if fields.num_potential:
+        potential = list(fields.potential.prepare(times, _active_fields(g_pot.flatten(0, 1))))
+    if fields.num_rotational:
+        rotational = list(fields.rotational.prepare(times, _active_fields(g_rot.flatten(0, 1))))
+    names = [name for name in OUTPUT_NAMES if name in want]
+    # dt * 1.0: an int dt becomes a float, and a symbolic dt under torch.compile stays symbolic
+    # (float() would specialise the graph on its value)
+    result = flow_path_op(z0, g_pot, g_rot, potential, rotational, fields.construction, dt * 1.0, names, impl.name)
+    return FlowPathOut(**dict(zip(names, result)))
+
+
+def _flow_path_composite(z0: Tensor, g_pot: Tensor, g_rot: Tensor, potential: list, rotational: list,
+                         construction: str, dt: float, outputs: list, backend: str) -> list:
+    """The op ``sta::flow_path`` on prepared parameters: T steps of ``backend``'s flow_step.
+
+    z0: (B, D); g_pot: (B, T, Kp); g_rot: (B, T, Kr); potential: the fields of
+    :class:`sta.reference.PotentialParams` (``[]`` when Kp = 0) with ``c, de: (T, Kp, H)``;
+    rotational: those of ``HamiltonianParams`` / ``MLPParams`` (``[]`` when Kr = 0) with the hidden
+    bias ``(T, Kr, H)``. Returns the ``outputs`` (names in :data:`sta.ops.OUTPUT_NAMES` order),
+    stacked per step as in :class:`FlowPathOut`.
+    """
+    impl = select_backend(z0, backend)  # by name; loads the backend's ops when a caller did not
+    B, T = g_pot.shape[:2]
+    pot = PotentialParams(*potential) if potential else None
+    rot = None
+    if rotational:
+        rot = (HamiltonianParams if construction == "hamiltonian" else MLPParams)(*rotational)
+    want = frozenset(outputs) | {"z"}
+    steps, z = [], z0
     for t in range(T):
-        time = t0 + t * dt
-        if fields.num_potential:
-            pot = fields.potential.prepare(time, active_pot, reuse=pot)
-        if fields.num_rotational:
-            rot = fields.rotational.prepare(time, active_rot, reuse=rot)
-        out = apply_step(impl, z, g_pot[:, t], g_rot[:, t], pot, rot, fields.construction, dt, want | {"z"})
+        out = apply_step(impl, z, g_pot[:, t], g_rot[:, t], _at_step(pot, t), _at_step(rot, t), construction, dt,
+                         want)
         z = out.z
         steps.append(out)
-    result = {"z": torch.stack([z0] + [s.z for s in steps], 1)} if "z" in want else {}
-    for name in ("div", "hj", "div_rot", "curl", "u"):
-        if name in want:
-            width = {"div": None, "hj": fields.num_potential, "div_rot": fields.num_rotational,
-                     "curl": fields.num_potential + fields.num_rotational, "u": fields.num_potential}[name]
-            if T:
-                result[name] = torch.stack([getattr(s, name) for s in steps], 1)
-            else:
-                result[name] = z0.new_zeros((B, 0) if width is None else (B, 0, width))
-    return FlowPathOut(**result)
+    widths = {"hj": g_pot.shape[2], "div_rot": g_rot.shape[2], "curl": g_pot.shape[2] + g_rot.shape[2],
+              "u": g_pot.shape[2]}
+    result = []
+    for name in outputs:
+        if name == "z":
+            result.append(torch.stack([z0] + [s.z for s in steps], 1))
+        elif T:
+            result.append(torch.stack([getattr(s, name) for s in steps], 1))
+        else:
+            result.append(z0.new_zeros((B, 0) if name == "div" else (B, 0, widths[name])))
+    return result
+
+
+def _at_step(params, t: int):
+    """The parameters of step t: the rows t of the per-step members of prepared path parameters."""
+    if params is None:
+        return None
+    if isinstance(params, PotentialParams):
+        return params._replace(c=params.c[t], de=params.de[t])
+    if isinstance(params, HamiltonianParams):
+        return params._replace(c=params.c[t])
+    return params._replace(c1=params.c1[t])
+
+
+#: ``torch.ops.sta.flow_path``: registered once, composite over the backends' registered step ops.
+flow_path_op = register_composite_op(
+    "sta::flow_path",
+    "flow_path(Tensor z0, Tensor g_pot, Tensor g_rot, Tensor[] potential, Tensor[] rotational, "
+    "str construction, float dt, str[] outputs, str backend) -> Tensor[]",
+    _flow_path_composite)
 
 
 def chained_flow_path(z0, t0, g_pot, g_rot, fields, dt=1.0, outputs=("z", "div"), backend="auto") -> FlowPathOut:

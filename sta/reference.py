@@ -203,6 +203,12 @@ def mlp_velocity(z: Tensor, p: MLPParams) -> Tensor:
 # Sparse terms: the kernel contract. Loop over fields, gather the active rows, compute, scatter.
 # ----------------------------------------------------------------------------------------------
 
+try:  # torch >= 2.7: False for an expression that cannot be decided without data (an unbacked size)
+    from torch.fx.experimental.symbolic_shapes import guard_or_false as _known_true
+except ImportError:  # pragma: no cover - older torch traces with concrete sizes only
+    _known_true = bool
+
+
 def active_rows(g: Tensor) -> list[Tensor]:
     """For each field k, the int64 indices of the samples with ``g[:, k] != 0``. g: (B, K)."""
     return [torch.nonzero(g[:, k]).squeeze(1) for k in range(g.shape[1])]
@@ -231,7 +237,9 @@ def _scatter(B: int, K: int, z: Tensor, want, per_field) -> FieldTerms:
 
 def _per_field(z: Tensor, g: Tensor, rows):
     for k, idx in enumerate(active_rows(g)):
-        if idx.numel() == 0:
+        # A field without active rows is skipped when that is known; while tracing (torch.compile,
+        # opcheck) the count is symbolic and the general code runs (it is right for 0 rows too).
+        if _known_true(idx.numel() == 0):
             continue
         yield k, idx, g[idx, k], rows(z[idx], k)
 

@@ -147,3 +147,50 @@ def test_flow_path_prepares_the_skew_product_once(monkeypatch):
     monkeypatch.setattr(type(fields.rotational), "skew", counting_skew)
     sta.flow_path(torch.randn(2, fields.dim), 0.0, torch.rand(2, 8, 3), torch.rand(2, 8, 2), fields)
     assert len(calls) == 1
+
+
+def _opcheck_cases():
+    for backend, dtype in CASES:
+        for construction in ("hamiltonian", "mlp"):
+            marks = [pytest.mark.gpu] if backend == "cuda" else []
+            if backend == "triton" and not torch.cuda.is_available():
+                marks.append(pytest.mark.slow)  # the interpreter: ~5 s a case
+            yield pytest.param(backend, dtype, construction, marks=marks, id=f"{backend}-{construction}")
+
+
+@pytest.mark.parametrize("backend,dtype,construction", list(_opcheck_cases()))
+def test_flow_path_op_passes_opcheck(backend, dtype, construction, one_thread):
+    """torch.ops.sta.flow_path (the registered op under sta.flow_path): schema, autograd
+    registration, fake tensors and AOT dispatch with dynamic shapes, with mixed sparsity."""
+    device = _device(backend)
+    fields = _bank(construction, None, dtype, device)
+    B, T = 4, 3
+    z0 = torch.randn(B, fields.dim, dtype=dtype, device=device, requires_grad=True)
+    g_pot = _coefficients(B, T, fields.num_potential, "mixed", dtype, device).requires_grad_()
+    g_rot = _coefficients(B, T, fields.num_rotational, "mixed", dtype, device).requires_grad_()
+    times = 0.25 + 0.5 * torch.arange(T, dtype=dtype, device=device)
+    potential = [p.detach().requires_grad_() for p in fields.potential.prepare(times)]
+    rotational = [p.detach().requires_grad_() for p in fields.rotational.prepare(times)]
+    outputs = [o for o in OUTPUTS if construction != "mlp" or o != "curl"]
+    sta.flow_path(z0, 0.0, g_pot, g_rot, fields, backend=backend)  # the public path reaches the op
+    result = torch.library.opcheck(torch.ops.sta.flow_path.default,
+                                   (z0, g_pot, g_rot, potential, rotational, construction, 0.5, outputs, backend))
+    assert set(result.values()) == {"SUCCESS"}, result
+
+
+def test_flow_path_runs_as_one_registered_op(monkeypatch):
+    """sta.flow_path hands its T steps to torch.ops.sta.flow_path, once per call."""
+    import sta.path as path_module
+
+    calls = []
+    original = path_module.flow_path_op
+
+    def spy(*args):
+        calls.append(args[-1])
+        return original(*args)
+
+    monkeypatch.setattr(path_module, "flow_path_op", spy)
+    fields = _bank("hamiltonian", None, torch.float64, "cpu")
+    sta.flow_path(torch.randn(2, fields.dim, dtype=torch.float64), 0.0, torch.rand(2, 3, 3, dtype=torch.float64),
+                  None, fields, backend="cpu")
+    assert calls == ["cpu"]

@@ -6,6 +6,10 @@ rest once the extension is loaded) or Triton (the schema is inferred from the Py
 implementation's annotations, :mod:`sta.kernels.flow_step`, :mod:`sta.kernels.grid_transport`).
 With the triad in place ``torch.compile(fullgraph=True)`` traces through the op as one node,
 ``torch.library.opcheck`` can check it, and autograd calls its backward op.
+
+An op made of other registered ops (``sta::flow_path``: T flow steps) is registered with
+:func:`register_composite_op` instead: its fake kernel and autograd formula are those of the ops it
+calls (``CompositeImplicitAutograd``), so they cannot disagree with them.
 """
 from __future__ import annotations
 
@@ -13,7 +17,7 @@ from typing import Callable, Optional
 
 import torch
 
-__all__ = ["register_torch_op"]
+__all__ = ["register_torch_op", "register_composite_op"]
 
 
 def register_torch_op(qualname: str, fake: Callable, impl: Optional[Callable] = None,
@@ -34,4 +38,18 @@ def register_torch_op(qualname: str, fake: Callable, impl: Optional[Callable] = 
     torch.library.register_fake(qualname, fake)
     if backward is not None:
         torch.library.register_autograd(qualname, backward, setup_context=setup_context)
+    return getattr(getattr(torch.ops, namespace), name)
+
+
+def register_composite_op(qualname: str, schema: str, impl: Callable):
+    """Register op ``qualname`` (``"sta::name"``) with ``schema`` (``"name(Tensor x, ...) -> ..."``)
+    and the Python implementation ``impl`` as its ``CompositeImplicitAutograd`` kernel: ``impl``
+    calls other ops, and autograd, fake tensors, ``torch.compile`` and ``opcheck`` see through it to
+    them. Returns ``torch.ops.sta.name``."""
+    namespace, _, name = qualname.partition("::")
+    if not name or not schema.startswith(name + "("):
+        raise ValueError(f"qualname, schema: expected 'namespace::name' and 'name(...) -> ...', "
+                         f"got {qualname!r}, {schema[:40]!r}")
+    torch.library.define(qualname, schema[len(name):])
+    torch.library.impl(qualname, "CompositeImplicitAutograd")(impl)
     return getattr(getattr(torch.ops, namespace), name)
