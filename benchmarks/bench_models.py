@@ -24,7 +24,9 @@ tables, named LABEL: sta (or the kind its overrides set with ``model.model=...``
 Runs go two at a time by default (``--jobs 2``, one torch thread each): on 2 CPU cores that is
 about 1.7x the throughput of one run with two threads. Run directories go to --runs (default
 runs/bench-<dataset>-<preset>/<model>-s<seed>); rerunning retrains, except with ``--resume``, which
-reuses every finished run of the same configuration (its ``bench.json``).
+reuses every finished run of the same configuration (its ``bench.json``) and continues an unfinished
+one from its last checkpoint (``sta train --resume``; written every ``checkpoint_every`` steps), so a
+bench that was stopped loses at most the steps since each run's last checkpoint.
 """
 from __future__ import annotations
 
@@ -121,6 +123,15 @@ def parse_variant(text: str) -> tuple:
     return label, overrides
 
 
+def _read_json(path: str):
+    """The JSON in ``path``, or None when there is no such file."""
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except FileNotFoundError:
+        return None
+
+
 def run_one(name: str, seed: int, dataset: str, preset_name: str, steps, runs: str, threads: int,
             resume: bool = False, variant: tuple = (), common: tuple = ()) -> dict:
     """Train and evaluate one (model, seed); returns its CSV row. ``name`` is a kind, or a variant's
@@ -143,10 +154,21 @@ def run_one(name: str, seed: int, dataset: str, preset_name: str, steps, runs: s
         if finished["config"] == requested:
             print(f"reusing {out}", flush=True)
             return finished["row"]
-    shutil.rmtree(out, ignore_errors=True)
+    request = os.path.join(out, "bench_request.json")  # what this run directory was started for
+    checkpoint = os.path.join(out, "checkpoints", "last.pt")
+    earlier_s = 0.0
+    continuing = resume and os.path.exists(checkpoint) and _read_json(request) == requested
+    if continuing:
+        earlier_s = float(torch.load(checkpoint, map_location="cpu", weights_only=False).get("elapsed") or 0.0)
+        print(f"continuing {out} from its last checkpoint", flush=True)
+    else:
+        shutil.rmtree(out, ignore_errors=True)
+        os.makedirs(out)
+        with open(request, "w") as f:
+            json.dump(requested, f)
     start = time.perf_counter()
-    train(config, out, progress=False)
-    train_s = time.perf_counter() - start
+    train(config, out, resume=continuing, progress=False)
+    train_s = earlier_s + time.perf_counter() - start
     start = time.perf_counter()
     result = evaluate(out)
     eval_s = time.perf_counter() - start

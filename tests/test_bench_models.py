@@ -1,5 +1,6 @@
 """benchmarks/bench_models.py end to end on the tiny preset: rows per (model, seed), the summary."""
 import csv
+import json
 import os
 import subprocess
 import sys
@@ -140,3 +141,31 @@ def test_bench_models_rejects_a_bad_set(capsys):
     with pytest.raises(SystemExit) as exit_info:
         bench_models.main(["--set", "model.spike_floor"])
     assert exit_info.value.code == 2 and "--set: expected KEY=VALUE" in capsys.readouterr().err
+
+
+def test_resume_continues_an_unfinished_run_from_its_checkpoint(tmp_path, monkeypatch, capsys, one_thread):
+    """--resume: a run stopped after its step-2 checkpoint continues from there (not from step 0)."""
+    from dataclasses import replace
+
+    import torch
+
+    real_train = bench_models.train
+    calls = []
+
+    def stopped_at_step_2(config, out, resume=False, progress=True):
+        calls.append(resume)
+        real_train(replace(config, steps=2), out, resume=resume, progress=progress)
+        raise KeyboardInterrupt  # the bench was stopped here
+
+    args = ("sta", 0, "digits", "tiny", 4, str(tmp_path / "runs"), 1)
+    monkeypatch.setattr(bench_models, "train", stopped_at_step_2)
+    with pytest.raises(KeyboardInterrupt):
+        bench_models.run_one(*args, resume=True)
+    out = tmp_path / "runs" / "sta-s0"
+    assert torch.load(out / "checkpoints" / "last.pt", weights_only=False)["step"] == 2
+    monkeypatch.setattr(bench_models, "train", lambda *a, **k: calls.append(k["resume"]) or real_train(*a, **k))
+    row = bench_models.run_one(*args, resume=True)
+    assert calls == [False, True] and "continuing" in capsys.readouterr().out
+    assert torch.load(out / "checkpoints" / "last.pt", weights_only=False)["step"] == 4 and row["steps"] == 4
+    steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert steps[0] < 2 and steps[-1] == 4  # the first segment's log was kept, then continued
