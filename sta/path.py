@@ -23,6 +23,7 @@ from typing import Iterable, NamedTuple, Optional, Union
 import torch
 from torch import Tensor
 
+from .backends import Request, select
 from .backends.library import register_composite_op
 from .fields import FieldBank, as_time_tensor
 from .ops import (OUTPUT_NAMES, _active_fields, _check_inputs, _dtype_name, apply_step, float32_under_autocast,
@@ -142,7 +143,9 @@ def _flow_path_composite(z0: Tensor, g_pot: Tensor, g_rot: Tensor, potential: li
     bias ``(T, Kr, H)``. Returns the ``outputs`` (names in :data:`sta.ops.OUTPUT_NAMES` order),
     stacked per step as in :class:`FlowPathOut`.
     """
-    impl = select_backend(z0, backend)  # by name; loads the backend's ops when a caller did not
+    # The backend by the name sta.flow_path resolved (a direct call of the op names one too): this
+    # loads its ops when no caller did (opcheck), and is not a second user-level dispatch.
+    impl = select(Request("flow_step", z0.device, z0.dtype, torch.is_grad_enabled()), backend)
     B, T = g_pot.shape[:2]
     pot = PotentialParams(*potential) if potential else None
     rot = None
