@@ -148,12 +148,10 @@ def run_one(name: str, seed: int, dataset: str, preset_name: str, steps, runs: s
     out = os.path.join(runs, f"{name}-s{seed}")
     done = os.path.join(out, "bench.json")
     requested = json.loads(json.dumps(asdict(config)))  # before train() fills in the dataset's sizes
-    if resume and os.path.exists(done):
-        with open(done) as f:
-            finished = json.load(f)
-        if finished["config"] == requested:
-            print(f"reusing {out}", flush=True)
-            return finished["row"]
+    finished = _read_json(done) if resume else None
+    if finished is not None and finished["config"] == requested:
+        print(f"reusing {out}", flush=True)
+        return finished["row"]
     request = os.path.join(out, "bench_request.json")  # what this run directory was started for
     checkpoint = os.path.join(out, "checkpoints", "last.pt")
     earlier_s = 0.0

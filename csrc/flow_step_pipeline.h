@@ -408,7 +408,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> mlp_bwd(
   const Routing r = dev.route(g);
   // the divergence branch is differentiated only when its output received a gradient
   const Tensor Pdiv = (Pdiv_in.defined() && (gdiv.defined() || gdr.defined())) ? Pdiv_in : Tensor();
-  Tensor grad_Pdiv = !Pdiv_in.defined() ? at::zeros({0}, opt) : Pdiv.defined() ? at::empty_like(Pdiv) : at::zeros_like(Pdiv_in);
+  Tensor grad_Pdiv = !Pdiv_in.defined() ? at::zeros({0}, opt)
+                     : Pdiv.defined()    ? at::empty_like(Pdiv)  // written whole by dev.outer
+                                         : at::zeros_like(Pdiv_in);
   const Tensor X = dev.gather(z, D, r);
   MlpForward f = mlp_recompute(dev, X, Rows::kPairs, W1, c1, W2, b2, Pdiv, r);
   Tensor G = dev.gather(gV, D, r);

@@ -142,7 +142,8 @@ class TimeEmbedding(nn.Module):
         ``active: (K,) bool`` get zeros."""
         wt = self.frequencies.to(t.dtype) * t[..., None]
         phi = torch.cat([torch.sin(wt), torch.cos(wt)], -1)
-        dphi = torch.cat([torch.cos(wt), -torch.sin(wt)], -1) * torch.cat([self.frequencies, self.frequencies]).to(t.dtype)
+        dphi = (torch.cat([torch.cos(wt), -torch.sin(wt)], -1)
+                * torch.cat([self.frequencies, self.frequencies]).to(t.dtype))
         weight = zero_inactive(self.weight, active)  # before the product: 0 * NaN in the t-gradient is NaN
         e = torch.einsum("khf,...f->...kh", weight, phi)
         de = torch.einsum("khf,...f->...kh", weight, dphi)

@@ -165,7 +165,8 @@ def mlp_rows(z: Tensor, W1: Tensor, c1: Tensor, W2: Tensor, b2: Tensor, curl: bo
     ds2 = 1 - r * r
     out = {"v": r, "div": (ds2 * (ds1 @ (W2 * W1.mT).mT)).sum(-1)}
     if curl:
-        J = ds2[..., :, :, None] * ((W2[..., None, :, :] * ds1[..., :, None, :]) @ W1[..., None, :, :])  # (..., N, D, D)
+        # (..., N, D, D)
+        J = ds2[..., :, :, None] * ((W2[..., None, :, :] * ds1[..., :, None, :]) @ W1[..., None, :, :])
         out["curl"] = (J * J).sum((-2, -1)) - (J * J.mT).sum((-2, -1))
     return out
 

@@ -63,7 +63,7 @@ class ConvEncoder(nn.Module):
         self.conv = nn.Sequential(*layers)
         self.mlp = nn.Sequential(nn.Flatten(), nn.Linear(ch * sizes[-1] ** 2, mlp), nn.ReLU(), nn.Linear(mlp, out_features))
         _init_relu_net(self)
-        _channels_last(self.conv)  # after the init: the same logical weights for a seed as in NCHW
+        _channels_last(self.conv)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.mlp(self.conv(x.contiguous(memory_format=MEMORY_FORMAT)))
@@ -83,7 +83,7 @@ class ConvDecoder(nn.Module):
         layers.append(nn.Conv2d(width, out_channels, 3, 1, 1))
         self.conv = nn.Sequential(*layers)
         _init_relu_net(self)
-        _channels_last(self.conv)  # after the init: the same logical weights for a seed as in NCHW
+        _channels_last(self.conv)
 
     def forward(self, z: Tensor) -> Tensor:
         h = self.mlp(z).view(z.shape[0], self.width, self.start, self.start)

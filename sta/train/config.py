@@ -54,9 +54,11 @@ class TrainConfig:
         2 vCPUs two 1-thread runs at a time had 1.7x the throughput of one 2-thread run. The
         ``paper`` preset (78M parameters) leaves it to torch.
     compile: run ``model.elbo`` through ``torch.compile`` (the flow ops are registered torch ops with
-        fake kernels, so the graph holds them as single nodes). Off by default: on the quick preset
-        an iteration took 0.154 s instead of 0.234 s after ~110 s of compiling (it pays after ~1400
-        steps), it needs a C++ compiler at run time, and compiled float sums move a seed's result.
+        fake kernels, so the graph holds them as single nodes). Off by default: since the conv nets
+        compute in channels-last layout it gains nothing at the paper's sizes (batch 32: 0.166 s
+        against 0.162 s eager, benchmarks/results/train_cpu.md) and pays only at D 512, batch 32
+        (1.09 s against 1.37 s), after a 25-40 s compile (15 s with a warm cache); it needs a C++
+        compiler at run time, and compiled float sums move a seed's result.
     """
 
     preset: str = "quick"
