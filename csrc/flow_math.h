@@ -177,11 +177,12 @@ STA_HOST_DEVICE STA_INLINE void row_dot_body(int64_t p, const RowDotArgs<scalar_
 // =============================================================================================
 
 /// Forward epilogue of one pair, before the velocity product V = Q W_k.
-///   q = a s1 (written over s),  lap = sum_j a_j s2_j wn_j,  dudt = sum_j a_j s1_j de_j,
+///   q = a s1 (into q, which may alias s),  lap = sum_j a_j s2_j wn_j,  dudt = sum_j a_j s1_j de_j,
 ///   u = sum_j a_j s_j.      wn_j = |W_kj|^2 (precomputed per step).
 template <typename scalar_t>
 struct PotentialFwdArgs {
-  scalar_t* s;                 // (P, H) in: tanh(h); out: q = a * s1
+  const scalar_t* s;           // (P, H) tanh(h)
+  scalar_t* q;                 // (P, H) out: q = a * s1 (may alias s: s is saved for the backward when not)
   const int64_t* pair_field;   // (P,)
   const scalar_t* a;           // (K, H)
   const scalar_t* de;          // (K, H)
@@ -195,7 +196,8 @@ template <typename scalar_t>
 STA_HOST_DEVICE STA_INLINE void potential_fwd_body(int64_t p, const PotentialFwdArgs<scalar_t>& A) {
   using acc = acc_t<scalar_t>;
   const int64_t k = A.pair_field[p];
-  scalar_t* s = A.s + p * A.H;
+  const scalar_t* s = A.s + p * A.H;
+  scalar_t* q = A.q + p * A.H;
   const scalar_t* a = A.a + k * A.H;
   const scalar_t* de = A.de + k * A.H;
   const scalar_t* wn = A.wn + k * A.H;
@@ -206,7 +208,7 @@ STA_HOST_DEVICE STA_INLINE void potential_fwd_body(int64_t p, const PotentialFwd
     lap += aj * tanh_d2(sj) * acc(wn[j]);
     dudt += aj * s1 * acc(de[j]);
     u += aj * sj;
-    s[j] = scalar_t(aj * s1);
+    q[j] = scalar_t(aj * s1);
   }
   A.lap[p] = scalar_t(lap);
   A.dudt[p] = scalar_t(dudt);

@@ -130,6 +130,32 @@ inline Tensor pair_buffer(const Routing& r, int64_t N, const Tensor& like) {
   return at::empty({r.rows, N}, like.options());
 }
 
+// Saved rows. A forward called with save = true returns the per-pair rows its backward would
+// otherwise recompute with a (rows x D x H) product per field (the tanh activations s, and the
+// velocity rows v of the potential fields) in (B * K, N) buffers, of which the first r.rows rows are
+// the pairs' (r.rows <= B * K: P on the CPU, the capacity on CUDA; the backward routes g again and
+// finds the same rows). save = false returns an empty (0,) tensor. B * K rows keep the output shape
+// static (fake kernels, torch.compile) whatever the sparsity.
+
+/// The saved-rows output of a forward: (B * K, N), or (0,) when not saving.
+inline Tensor saved_rows(bool save, const Routing& r, int64_t N, const Tensor& like) {
+  return save ? at::empty({r.B * r.K, N}, like.options()) : at::empty({0}, like.options());
+}
+
+/// Whether a backward received saved rows (an undefined or empty tensor: recompute them).
+inline bool has_rows(const Tensor& saved) { return saved.defined() && saved.numel() > 0; }
+
+/// The pair rows inside saved rows (a view), or a fresh pair buffer when there are none.
+inline Tensor rows_of(const Tensor& saved, const Routing& r, int64_t N, const Tensor& like) {
+  return has_rows(saved) ? saved.narrow(0, 0, r.rows) : pair_buffer(r, N, like);
+}
+
+inline void check_saved_rows(const char* op, const char* name, const Tensor& saved, int64_t rows, int64_t N) {
+  if (!has_rows(saved)) return;
+  TORCH_CHECK(saved.dim() == 2 && saved.size(0) == rows && saved.size(1) == N, op, ": ", name,
+              " must be the rows its forward saved, (B * K, ", N, ") = (", rows, ", ", N, "), got ", saved.sizes());
+}
+
 /// out (B, N) = sum_k weight[b, k] rows[pair_of[b, k]] (weight == nullptr: 1).
 template <typename T, class Dev>
 void pair_sum(const Dev& dev, const Routing& r, const Tensor& out, const Tensor& rows, const T* weight) {
@@ -152,8 +178,10 @@ void pair_scatter(const Dev& dev, const Routing& r, const Tensor& vals, const T*
 // =============================================================================================
 
 template <class Dev>
-std::tuple<Tensor, Tensor, Tensor, Tensor> potential_fwd(const Tensor& z_, const Tensor& g_, const Tensor& W_,
-                                                         const Tensor& c_, const Tensor& a_, const Tensor& de_) {
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> potential_fwd(const Tensor& z_, const Tensor& g_,
+                                                                         const Tensor& W_, const Tensor& c_,
+                                                                         const Tensor& a_, const Tensor& de_,
+                                                                         bool save) {
   const Inputs<6> in("sta::potential_fwd", {{"z", z_}, {"g", g_}, {"W", W_}, {"c", c_}, {"a", a_}, {"de", de_}});
   const Tensor &z = in[0], &g = in[1], &W = in[2], &c = in[3], &a = in[4], &de = in[5];
   const int64_t B = z.size(0), D = z.size(1), K = W.size(0), H = W.size(1);
@@ -163,35 +191,41 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> potential_fwd(const Tensor& z_, const
   const Dev dev(z);
   const Routing r = dev.route(g);
   const Tensor wn = field_row_norms_sq(W);
-  Tensor S = pair_buffer(r, H, z), V = pair_buffer(r, D, z);
+  const Tensor saved_s = saved_rows(save, r, H, z), saved_v = saved_rows(save, r, D, z);
+  Tensor S = rows_of(saved_s, r, H, z), V = rows_of(saved_v, r, D, z);
+  const Tensor Q = save ? pair_buffer(r, H, z) : S;  // q over s unless s is saved
   Tensor lap = at::empty({r.rows}, opt), dudt = at::empty({r.rows}, opt), up = at::empty({r.rows}, opt);
   dev.mm(S, z, Rows::kSamples, W, kTrans, r, c, kTanh);  // s = tanh(W x + c)
   AT_DISPATCH_FLOATING_TYPES(z.scalar_type(), "sta_potential_fwd", [&] {
     using T = scalar_t;
-    const math::PotentialFwdArgs<T> A{S.data_ptr<T>(), r.pair_field.const_data_ptr<int64_t>(), a.const_data_ptr<T>(),
+    const math::PotentialFwdArgs<T> A{S.const_data_ptr<T>(), Q.data_ptr<T>(), r.pair_field.const_data_ptr<int64_t>(),
+                                      a.const_data_ptr<T>(),
                                       de.const_data_ptr<T>(), wn.const_data_ptr<T>(), lap.data_ptr<T>(),
                                       dudt.data_ptr<T>(), up.data_ptr<T>(), H};
     dev.for_pairs(r, 8 * H, A);
-    dev.mm(V, S, Rows::kPairs, W, kNoTrans, r, Tensor(), false);  // v = W^T q per pair
+    dev.mm(V, Q, Rows::kPairs, W, kNoTrans, r, Tensor(), false);  // v = W^T q per pair
     const math::PotentialCombineArgs<T> C{V.const_data_ptr<T>(), lap.const_data_ptr<T>(), dudt.const_data_ptr<T>(),
                                           up.const_data_ptr<T>(), r.pair_of.const_data_ptr<int64_t>(),
                                           g.const_data_ptr<T>(), velocity.data_ptr<T>(), div.data_ptr<T>(),
                                           hj.data_ptr<T>(), u.data_ptr<T>(), K, D};
     dev.for_rows(B, 2 * K * D + 1, C);
   });
-  return {velocity, div, hj, u};
+  return {velocity, div, hj, u, saved_s, saved_v};
 }
 
 template <class Dev>
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> potential_bwd(
     const OptTensor& grad_velocity_, const OptTensor& grad_div_, const OptTensor& grad_hj_, const OptTensor& grad_u_,
-    const Tensor& z_, const Tensor& g_, const Tensor& W_, const Tensor& c_, const Tensor& a_, const Tensor& de_) {
-  const Inputs<10> in("sta::potential_bwd", {{"z", z_}, {"g", g_}, {"W", W_}, {"c", c_}, {"a", a_}, {"de", de_},
+    const Tensor& z_, const Tensor& g_, const Tensor& W_, const Tensor& c_, const Tensor& a_, const Tensor& de_,
+    const OptTensor& s_, const OptTensor& v_) {
+  const Inputs<12> in("sta::potential_bwd", {{"z", z_}, {"g", g_}, {"W", W_}, {"c", c_}, {"a", a_}, {"de", de_},
                                              {"grad_velocity", grad_velocity_}, {"grad_div", grad_div_},
-                                             {"grad_hj", grad_hj_}, {"grad_u", grad_u_}});
+                                             {"grad_hj", grad_hj_}, {"grad_u", grad_u_}, {"s", s_}, {"v", v_}});
   const Tensor &z = in[0], &g = in[1], &W = in[2], &c = in[3], &a = in[4], &de = in[5];
-  const Tensor &gV = in[6], &gdiv = in[7], &ghj = in[8], &gu = in[9];
+  const Tensor &gV = in[6], &gdiv = in[7], &ghj = in[8], &gu = in[9], &saved_s = in[10], &saved_v = in[11];
   const int64_t B = z.size(0), D = z.size(1), K = W.size(0), H = W.size(1);
+  check_saved_rows("sta::potential_bwd", "s", saved_s, B * K, H);
+  check_saved_rows("sta::potential_bwd", "v", saved_v, B * K, D);
   const auto opt = z.options();
   Tensor grad_z = at::empty({B, D}, opt), grad_g = at::empty({B, K}, opt), grad_W = at::empty_like(W);
   Tensor grad_c = at::empty({K, H}, opt), grad_a = at::empty({K, H}, opt), grad_de = at::empty({K, H}, opt);
@@ -199,8 +233,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> potential_bwd(
   const Routing r = dev.route(g);
   const Tensor wn = field_row_norms_sq(W);
   const Tensor X = dev.gather(z, D, r);
-  Tensor S = pair_buffer(r, H, z);
-  dev.mm(S, X, Rows::kPairs, W, kTrans, r, c, kTanh);
+  // s: the forward's (a copy: the epilogue writes Qx over it) or recomputed
+  Tensor S = has_rows(saved_s) ? saved_s.narrow(0, 0, r.rows).clone() : pair_buffer(r, H, z);
+  if (!has_rows(saved_s)) dev.mm(S, X, Rows::kPairs, W, kTrans, r, c, kTanh);
   Tensor G = dev.gather(gV, D, r);
   Tensor gw = at::empty({r.rows}, opt);
   Tensor buf = at::empty({4, r.rows, H}, opt);  // GQ -> GH, A2, A3, A4 (flow_math.h)
@@ -211,11 +246,14 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> potential_bwd(
   AT_DISPATCH_FLOATING_TYPES(z.scalar_type(), "sta_potential_bwd", [&] {
     using T = scalar_t;
     if (weighted) {  // the HJ residual needs v: G <- w gV + gh v, gw = gV . v
-      Tensor Q = pair_buffer(r, H, z), V = pair_buffer(r, D, z);
-      const math::HamiltonianFwdArgs<T> QA{S.const_data_ptr<T>(), Q.data_ptr<T>(), nullptr,
-                                           r.pair_field.const_data_ptr<int64_t>(), a.const_data_ptr<T>(), H};
-      dev.for_pairs(r, 4 * H, QA);
-      dev.mm(V, Q, Rows::kPairs, W, kNoTrans, r, Tensor(), false);
+      Tensor V = rows_of(saved_v, r, D, z);
+      if (!has_rows(saved_v)) {  // v = W^T q, recomputed
+        Tensor Q = pair_buffer(r, H, z);
+        const math::HamiltonianFwdArgs<T> QA{S.const_data_ptr<T>(), Q.data_ptr<T>(), nullptr,
+                                             r.pair_field.const_data_ptr<int64_t>(), a.const_data_ptr<T>(), H};
+        dev.for_pairs(r, 4 * H, QA);
+        dev.mm(V, Q, Rows::kPairs, W, kNoTrans, r, Tensor(), false);
+      }
       const math::PotentialBwdVArgs<T> VA{G.data_ptr<T>(), V.const_data_ptr<T>(),
                                           r.pair_sample.const_data_ptr<int64_t>(),
                                           r.pair_field.const_data_ptr<int64_t>(), g.const_data_ptr<T>(),
@@ -250,8 +288,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> potential_bwd(
 // =============================================================================================
 
 template <class Dev>
-std::tuple<Tensor, Tensor> hamiltonian_fwd(const Tensor& z_, const Tensor& g_, const Tensor& W_, const Tensor& c_,
-                                           const Tensor& a_, const Tensor& M_, const OptTensor& C_) {
+std::tuple<Tensor, Tensor, Tensor> hamiltonian_fwd(const Tensor& z_, const Tensor& g_, const Tensor& W_,
+                                                   const Tensor& c_, const Tensor& a_, const Tensor& M_,
+                                                   const OptTensor& C_, bool save) {
   const Inputs<7> in("sta::hamiltonian_fwd",
                      {{"z", z_}, {"g", g_}, {"W", W_}, {"c", c_}, {"a", a_}, {"M", M_}, {"C", C_}});
   const Tensor &z = in[0], &g = in[1], &W = in[2], &c = in[3], &a = in[4], &M = in[5], &C = in[6];
@@ -261,16 +300,18 @@ std::tuple<Tensor, Tensor> hamiltonian_fwd(const Tensor& z_, const Tensor& g_, c
   const Dev dev(z);
   const Routing r = dev.route(g);
   const bool with_curl = C.defined();
-  Tensor S = pair_buffer(r, H, z), V = pair_buffer(r, D, z);
+  const Tensor saved_s = saved_rows(save, r, H, z);
+  Tensor S = rows_of(saved_s, r, H, z), V = pair_buffer(r, D, z);
+  const Tensor Q = save ? pair_buffer(r, H, z) : S;  // q over s unless s is saved
   Tensor Dm = with_curl ? pair_buffer(r, H, z) : Tensor();
   Tensor curl_p = at::zeros({r.rows}, opt);
   dev.mm(S, z, Rows::kSamples, W, kTrans, r, c, kTanh);
   AT_DISPATCH_FLOATING_TYPES(z.scalar_type(), "sta_hamiltonian_fwd", [&] {
     using T = scalar_t;
-    const math::HamiltonianFwdArgs<T> A{S.const_data_ptr<T>(), S.data_ptr<T>(), mut<T>(Dm),
+    const math::HamiltonianFwdArgs<T> A{S.const_data_ptr<T>(), Q.data_ptr<T>(), mut<T>(Dm),
                                         r.pair_field.const_data_ptr<int64_t>(), a.const_data_ptr<T>(), H};
     dev.for_pairs(r, 6 * H, A);
-    dev.mm(V, S, Rows::kPairs, M, kTrans, r, Tensor(), false);  // r = M q
+    dev.mm(V, Q, Rows::kPairs, M, kTrans, r, Tensor(), false);  // r = M q
     if (with_curl) {
       Tensor T_ = pair_buffer(r, H, z);
       dev.mm(T_, Dm, Rows::kPairs, C, kNoTrans, r, Tensor(), false);  // d^T C
@@ -280,18 +321,20 @@ std::tuple<Tensor, Tensor> hamiltonian_fwd(const Tensor& z_, const Tensor& g_, c
     pair_sum<T>(dev, r, velocity, V, g.const_data_ptr<T>());
     pair_scatter<T>(dev, r, curl_p, nullptr, curl.data_ptr<T>(), nullptr);
   });
-  return {velocity, curl};
+  return {velocity, curl, saved_s};
 }
 
 template <class Dev>
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> hamiltonian_bwd(
     const OptTensor& grad_velocity_, const OptTensor& grad_curl_, const Tensor& z_, const Tensor& g_, const Tensor& W_,
-    const Tensor& c_, const Tensor& a_, const Tensor& M_, const OptTensor& C_) {
-  const Inputs<9> in("sta::hamiltonian_bwd", {{"z", z_}, {"g", g_}, {"W", W_}, {"c", c_}, {"a", a_}, {"M", M_},
-                                             {"C", C_}, {"grad_velocity", grad_velocity_}, {"grad_curl", grad_curl_}});
+    const Tensor& c_, const Tensor& a_, const Tensor& M_, const OptTensor& C_, const OptTensor& s_) {
+  const Inputs<10> in("sta::hamiltonian_bwd", {{"z", z_}, {"g", g_}, {"W", W_}, {"c", c_}, {"a", a_}, {"M", M_},
+                                              {"C", C_}, {"grad_velocity", grad_velocity_}, {"grad_curl", grad_curl_},
+                                              {"s", s_}});
   const Tensor &z = in[0], &g = in[1], &W = in[2], &c = in[3], &a = in[4], &M = in[5], &C = in[6];
-  const Tensor &gV = in[7], &gcurl = in[8];
+  const Tensor &gV = in[7], &gcurl = in[8], &saved_s = in[9];
   const int64_t B = z.size(0), D = z.size(1), K = W.size(0), H = W.size(1);
+  check_saved_rows("sta::hamiltonian_bwd", "s", saved_s, B * K, H);
   const auto opt = z.options();
   Tensor grad_z = at::empty({B, D}, opt), grad_g = at::empty({B, K}, opt);
   Tensor grad_W = at::empty_like(W), grad_M = at::empty_like(M);  // written whole by dev.outer
@@ -301,8 +344,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> hamiltonian_b
   const bool curl = C.defined() && gcurl.defined();
   Tensor grad_C = !C.defined() ? at::zeros({0}, opt) : curl ? at::empty_like(C) : at::zeros_like(C);
   const Tensor X = dev.gather(z, D, r);
-  Tensor S = pair_buffer(r, H, z);
-  dev.mm(S, X, Rows::kPairs, W, kTrans, r, c, kTanh);
+  const Tensor S = rows_of(saved_s, r, H, z);  // s: the forward's (read only here) or recomputed
+  if (!has_rows(saved_s)) dev.mm(S, X, Rows::kPairs, W, kTrans, r, c, kTanh);
   const Tensor G = dev.gather(gV, D, r);
   Tensor GQ = pair_buffer(r, H, z), Q = pair_buffer(r, H, z), A4 = pair_buffer(r, H, z), GZ = pair_buffer(r, D, z);
   Tensor gw = at::empty({r.rows}, opt);

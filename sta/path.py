@@ -12,9 +12,9 @@ backward product instead of T.
 The T steps are the registered op ``torch.ops.sta.flow_path`` on the prepared parameters, a
 ``CompositeImplicitAutograd`` op over the chosen backend's registered step ops (on every backend):
 its fake kernel and its autograd formula are theirs. So ``torch.compile`` and ``opcheck`` see one op
-whose pieces are already checked, and the backward is the step ops' own backward, which saves each
-step's inputs and recomputes the hidden activations from them (docs/ops.md, "flow_path", says why:
-~3% of a D = 1024 iteration against 16 MB a step and new arguments for every backend's op).
+whose pieces are already checked, and the backward is the step ops' own backward: each step saves
+its inputs and, on the cpu and cuda backends, the per-pair rows its backward would otherwise
+recompute (docs/ops.md, "flow_path" and "Saved rows", gives the memory and the time).
 """
 from __future__ import annotations
 

@@ -125,10 +125,10 @@ def _op_samples(dtype=F64):
         return torch.randn(*shape, dtype=dtype)
 
     return {
-        "potential_fwd": [(z, g, *pp)],
+        "potential_fwd": [(z, g, *pp), (z, g, *pp, True)],
         "potential_bwd": [(gr(B, D), gr(B), gr(B, K), gr(B, K), z, g, *pp),
                           (gr(B, D), None, None, None, z, g, *pp)],
-        "hamiltonian_fwd": [(z, g, *hp, C), (z, g, *hp, None)],
+        "hamiltonian_fwd": [(z, g, *hp, C), (z, g, *hp, None), (z, g, *hp, C, True)],
         "hamiltonian_bwd": [(gr(B, D), gr(B, K), z, g, *hp, C), (None, None, z, g, *hp, None)],
         "mlp_fwd": [(z, g, *mp, P), (z, g, *mp, None)],
         "mlp_bwd": [(gr(B, D), gr(B), gr(B, K), z, g, *mp, P), (gr(B, D), None, None, z, g, *mp, None)],
@@ -165,6 +165,66 @@ def test_opcheck(cpu, op):
         torch.library.opcheck(overload, detached,
                               test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_dynamic"))
         torch.library.opcheck(overload, args, test_utils=("test_autograd_registration",))
+
+
+# ----------------------------------------------------------------------------------------------
+# saved rows: a forward with save=True hands its backward the rows it would otherwise recompute
+# ----------------------------------------------------------------------------------------------
+
+SAVED_CASES = [(9, 6, 7, 3, "mixed"), (5, 17, 4, 2, "on"), (6, 3, 5, 3, "off"), (0, 4, 3, 2, "mixed"),
+               (7, 1, 1, 1, "mixed")]
+
+
+@pytest.mark.parametrize("kind", ["potential", "hamiltonian"])
+@pytest.mark.parametrize("case", SAVED_CASES, ids=[f"B{c[0]}D{c[1]}H{c[2]}K{c[3]}-{c[4]}" for c in SAVED_CASES])
+def test_saved_rows_give_the_recomputed_backward(cpu, kind, case):
+    """save=True returns (B*K, H [+ D]) rows; the backward given them equals the backward that
+    recomputes them (every gradient, every optional output), and save=False returns (0,) tensors."""
+    B, D, H, K, pattern = case
+    z = torch.randn(B, D, dtype=F64)
+    g = coefficients((B, K), pattern, F64, signed=True)
+    p = [t.detach() for t in term_params(kind, K, H, D, F64)]
+    if kind == "potential":
+        *_, s, v = torch.ops.sta.potential_fwd(z, g, *p, True)
+        assert s.shape == (B * K, H) and v.shape == (B * K, D)
+        assert [t.shape for t in torch.ops.sta.potential_fwd(z, g, *p)[4:]] == [(0,), (0,)]
+        grad_outputs = [(torch.randn(B, D, dtype=F64), torch.randn(B, dtype=F64), torch.randn(B, K, dtype=F64),
+                         torch.randn(B, K, dtype=F64)), (torch.randn(B, D, dtype=F64), None, None, None)]
+        calls = [(lambda go, *saved: torch.ops.sta.potential_bwd(*go, z, g, *p, *saved), (s, v))]
+    else:
+        C = torch.randn(K, H, H, dtype=F64)
+        *_, s = torch.ops.sta.hamiltonian_fwd(z, g, *p, C, True)
+        assert s.shape == (B * K, H)
+        grad_outputs = [(torch.randn(B, D, dtype=F64), torch.randn(B, K, dtype=F64)),
+                        (torch.randn(B, D, dtype=F64), None)]
+        calls = [(lambda go, *saved: torch.ops.sta.hamiltonian_bwd(*go, z, g, *p, C, *saved), (s,))]
+    for go in grad_outputs:
+        for call, saved in calls:
+            recomputed = call(go)
+            given = call(go, *saved)
+            assert_all_close(given, recomputed, range(len(given)), F64, what=f"{kind} grad ")
+            again = call(go, *saved)  # the backward must not have written over the saved rows
+            assert_all_close(again, recomputed, range(len(given)), F64, what=f"{kind} second grad ")
+
+
+def test_saved_rows_of_the_wrong_shape_are_refused(cpu):
+    z, g = torch.randn(4, 3, dtype=F64), coefficients((4, 2), "on", F64)
+    p = [t.detach() for t in term_params("potential", 2, 5, 3, F64)]
+    with pytest.raises(RuntimeError, match=r"s must be the rows its forward saved, \(B \* K, 5\) = \(8, 5\)"):
+        torch.ops.sta.potential_bwd(torch.randn(4, 3, dtype=F64), None, None, None, z, g, *p,
+                                    torch.randn(7, 5, dtype=F64))
+
+
+def test_forward_saves_rows_only_when_a_backward_follows(cpu):
+    """The backend asks the op to save only under grad mode with an input that requires grad."""
+    z = torch.randn(4, 3, dtype=F64)
+    g = coefficients((4, 2), "on", F64)
+    p = term_params("potential", 2, 5, 3, F64)
+    from sta.backends.compiled import _saving
+    assert _saving(z, g, *p)
+    with torch.no_grad():
+        assert not _saving(z, g, *p)
+    assert not _saving(z, g, *[t.detach() for t in p])
 
 
 def test_double_backward_raises(cpu):

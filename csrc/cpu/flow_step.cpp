@@ -140,15 +140,15 @@ struct CpuDevice {
 }  // namespace sta
 
 TORCH_LIBRARY_FRAGMENT(sta, m) {
-  m.def("potential_fwd(Tensor z, Tensor g, Tensor W, Tensor c, Tensor a, Tensor de) "
-        "-> (Tensor velocity, Tensor div, Tensor hj, Tensor u)");
+  m.def("potential_fwd(Tensor z, Tensor g, Tensor W, Tensor c, Tensor a, Tensor de, bool save=False) "
+        "-> (Tensor velocity, Tensor div, Tensor hj, Tensor u, Tensor s, Tensor v)");
   m.def("potential_bwd(Tensor? grad_velocity, Tensor? grad_div, Tensor? grad_hj, Tensor? grad_u, "
-        "Tensor z, Tensor g, Tensor W, Tensor c, Tensor a, Tensor de) "
+        "Tensor z, Tensor g, Tensor W, Tensor c, Tensor a, Tensor de, Tensor? s=None, Tensor? v=None) "
         "-> (Tensor grad_z, Tensor grad_g, Tensor grad_W, Tensor grad_c, Tensor grad_a, Tensor grad_de)");
-  m.def("hamiltonian_fwd(Tensor z, Tensor g, Tensor W, Tensor c, Tensor a, Tensor M, Tensor? C) "
-        "-> (Tensor velocity, Tensor curl)");
+  m.def("hamiltonian_fwd(Tensor z, Tensor g, Tensor W, Tensor c, Tensor a, Tensor M, Tensor? C, "
+        "bool save=False) -> (Tensor velocity, Tensor curl, Tensor s)");
   m.def("hamiltonian_bwd(Tensor? grad_velocity, Tensor? grad_curl, Tensor z, Tensor g, Tensor W, "
-        "Tensor c, Tensor a, Tensor M, Tensor? C) -> (Tensor grad_z, Tensor grad_g, Tensor grad_W, "
+        "Tensor c, Tensor a, Tensor M, Tensor? C, Tensor? s=None) -> (Tensor grad_z, Tensor grad_g, Tensor grad_W, "
         "Tensor grad_c, Tensor grad_a, Tensor grad_M, Tensor grad_C)");
   m.def("mlp_fwd(Tensor z, Tensor g, Tensor W1, Tensor c1, Tensor W2, Tensor b2, Tensor? Pdiv) "
         "-> (Tensor velocity, Tensor div, Tensor div_rot)");

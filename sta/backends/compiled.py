@@ -35,22 +35,28 @@ __all__ = ["CompiledFlowStep", "CompiledGridTransport", "IMPLEMENTATIONS"]
 # Fake kernels: output shapes only (all outputs are fresh, contiguous, of z's dtype).
 # ----------------------------------------------------------------------------------------------
 
-def _fake_potential_fwd(z, g, W, c, a, de):
+def _fake_saved_rows(save: bool, z, g, N):
+    """The rows a forward saves for its backward: (B * K, N), or (0,) (csrc/flow_step_pipeline.h)."""
+    return z.new_empty(z.shape[0] * g.shape[1], N) if save else z.new_empty(0)
+
+
+def _fake_potential_fwd(z, g, W, c, a, de, save=False):
     B, D = z.shape
-    K = g.shape[1]
-    return z.new_empty(B, D), z.new_empty(B), z.new_empty(B, K), z.new_empty(B, K)
+    K, H = W.shape[:2]
+    return (z.new_empty(B, D), z.new_empty(B), z.new_empty(B, K), z.new_empty(B, K),
+            _fake_saved_rows(save, z, g, H), _fake_saved_rows(save, z, g, D))
 
 
-def _fake_potential_bwd(grad_velocity, grad_div, grad_hj, grad_u, z, g, W, c, a, de):
+def _fake_potential_bwd(grad_velocity, grad_div, grad_hj, grad_u, z, g, W, c, a, de, s=None, v=None):
     return (z.new_empty(z.shape), z.new_empty(g.shape), z.new_empty(W.shape), z.new_empty(c.shape),
             z.new_empty(a.shape), z.new_empty(de.shape))
 
 
-def _fake_hamiltonian_fwd(z, g, W, c, a, M, C):
-    return z.new_empty(z.shape), z.new_empty(g.shape)
+def _fake_hamiltonian_fwd(z, g, W, c, a, M, C, save=False):
+    return z.new_empty(z.shape), z.new_empty(g.shape), _fake_saved_rows(save, z, g, W.shape[1])
 
 
-def _fake_hamiltonian_bwd(grad_velocity, grad_curl, z, g, W, c, a, M, C):
+def _fake_hamiltonian_bwd(grad_velocity, grad_curl, z, g, W, c, a, M, C, s=None):
     return (z.new_empty(z.shape), z.new_empty(g.shape), z.new_empty(W.shape), z.new_empty(c.shape),
             z.new_empty(a.shape), z.new_empty(M.shape), z.new_empty(C.shape) if C is not None else z.new_empty(0))
 
@@ -71,6 +77,9 @@ def _fake_grid_transport(rho, u0, u1, u2, c0, c1, c2, periodic, limiter):
 # ----------------------------------------------------------------------------------------------
 # Autograd: the backward of each *_fwd op is its *_bwd op. Gradients of outputs that were not
 # used arrive as None (set_materialize_grads(False)), so the op skips those branches.
+# The potential and hamiltonian forwards called with save=True also return the per-pair rows
+# (tanh activations s, velocity rows v) that their backward would otherwise recompute with one
+# (rows x D x H) product per field; the backward takes them back (docs/ops.md, "Saved rows").
 # ----------------------------------------------------------------------------------------------
 
 def _setup(ctx, inputs, output):
@@ -78,21 +87,28 @@ def _setup(ctx, inputs, output):
     ctx.save_for_backward(*inputs)
 
 
+def _setup_saving(ctx, inputs, output):
+    """Save the tensor inputs (all but the trailing ``save`` flag) and the saved-rows outputs."""
+    ctx.set_materialize_grads(False)
+    num_saved = {6: 2, 3: 1}[len(output)]  # potential_fwd: s, v; hamiltonian_fwd: s
+    ctx.save_for_backward(*inputs[:-1], *output[-num_saved:])
+
+
 def _grad_or_none(x, needed: bool):
     return x if needed else None
 
 
-def _potential_backward(ctx, grad_velocity, grad_div, grad_hj, grad_u):
-    z, g, W, c, a, de = ctx.saved_tensors
-    grads = torch.ops.sta.potential_bwd(grad_velocity, grad_div, grad_hj, grad_u, z, g, W, c, a, de)
-    return tuple(_grad_or_none(x, n) for x, n in zip(grads, ctx.needs_input_grad))
+def _potential_backward(ctx, grad_velocity, grad_div, grad_hj, grad_u, _grad_s=None, _grad_v=None):
+    z, g, W, c, a, de, s, v = ctx.saved_tensors
+    grads = torch.ops.sta.potential_bwd(grad_velocity, grad_div, grad_hj, grad_u, z, g, W, c, a, de, s, v)
+    return tuple(_grad_or_none(x, n) for x, n in zip(grads, ctx.needs_input_grad)) + (None,)  # save: no grad
 
 
-def _hamiltonian_backward(ctx, grad_velocity, grad_curl):
-    z, g, W, c, a, M, C = ctx.saved_tensors
-    grads = torch.ops.sta.hamiltonian_bwd(grad_velocity, grad_curl, z, g, W, c, a, M, C)
+def _hamiltonian_backward(ctx, grad_velocity, grad_curl, _grad_s=None):
+    z, g, W, c, a, M, C, s = ctx.saved_tensors
+    grads = torch.ops.sta.hamiltonian_bwd(grad_velocity, grad_curl, z, g, W, c, a, M, C, s)
     return tuple(_grad_or_none(x, n) for x, n in zip(grads[:6], ctx.needs_input_grad[:6])) + (
-        grads[6] if C is not None and ctx.needs_input_grad[6] else None,)
+        grads[6] if C is not None and ctx.needs_input_grad[6] else None, None)
 
 
 def _mlp_backward(ctx, grad_velocity, grad_div, grad_div_rot):
@@ -118,13 +134,14 @@ _FAKES = {"potential_fwd": _fake_potential_fwd, "potential_bwd": _fake_potential
           "mlp_fwd": _fake_mlp_fwd, "mlp_bwd": _fake_mlp_bwd, "grid_transport": _fake_grid_transport}
 _BACKWARDS = {"potential_fwd": _potential_backward, "hamiltonian_fwd": _hamiltonian_backward,
               "mlp_fwd": _mlp_backward}
+_SETUPS = {"potential_fwd": _setup_saving, "hamiltonian_fwd": _setup_saving, "mlp_fwd": _setup}
 
 
 def _register_library_side() -> None:
     """Fakes and autograd of the compiled ops; run once by the loader, right after it loads them."""
     for name, fake in _FAKES.items():
         if name in _BACKWARDS:
-            register_torch_op(f"sta::{name}", fake, backward=_BACKWARDS[name], setup_context=_setup)
+            register_torch_op(f"sta::{name}", fake, backward=_BACKWARDS[name], setup_context=_SETUPS[name])
         elif name.endswith("_bwd"):  # a clear error on double backward
             register_torch_op(f"sta::{name}", fake, backward=_no_double_backward, setup_context=_setup_bwd)
         else:
@@ -152,6 +169,17 @@ class _Compiled(Backend):
         return self._machine_reasons()
 
 
+def _saving(*inputs) -> bool:
+    """Whether a forward op should save its per-pair rows: a backward through it will follow.
+
+    Saving trades memory, (B * K) x (H [+ D]) floats per call, for one (rows x D x H) product per
+    field in the backward (two for the potential fields with the HJ residual): a training
+    iteration at D = 512, K = 16, hidden 512 took 1.02 s instead of 1.16 s at batch 32 and 2.28 s
+    instead of 2.63 s at batch 128 (one thread, AMD EPYC; docs/ops.md, "flow_path").
+    """
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in inputs)
+
+
 def _pair_zeros(z: Tensor, K: int, want, names) -> dict:
     """Zero (B, K) outputs for requested per-pair names this field kind does not produce."""
     return {name: z.new_zeros(z.shape[0], K) for name in names if name in want}
@@ -167,7 +195,8 @@ class CompiledFlowStep(_Compiled):
     op = "flow_step"
 
     def potential_terms(self, z, g, p, want=("div",)):
-        velocity, div, hj, u = torch.ops.sta.potential_fwd(z, g, p.W, p.c, p.a, p.de)
+        velocity, div, hj, u, _, _ = torch.ops.sta.potential_fwd(z, g, p.W, p.c, p.a, p.de,
+                                                                 _saving(z, g, p.W, p.c, p.a, p.de))
         K = g.shape[1]
         extra = _pair_zeros(z, K, want, ("div_rot", "curl"))  # a potential field has no curl
         return FieldTerms(velocity=velocity, div=div if "div" in want else None,
@@ -179,7 +208,8 @@ class CompiledFlowStep(_Compiled):
         if "curl" in want:
             G, N = reference.hamiltonian_curl_matrices(p)
             C = G - N * N.transpose(1, 2)  # curl = d^T C d (docs/maths.md 1.3)
-        velocity, curl = torch.ops.sta.hamiltonian_fwd(z, g, p.W, p.c, p.a, p.M, C)
+        velocity, curl, _ = torch.ops.sta.hamiltonian_fwd(z, g, p.W, p.c, p.a, p.M, C,
+                                                         _saving(z, g, p.W, p.c, p.a, p.M, C))
         extra = _pair_zeros(z, K, want, ("hj", "u", "div_rot"))  # div r = 0 exactly
         return FieldTerms(velocity=velocity, div=z.new_zeros(B) if "div" in want else None,
                           curl=curl if "curl" in want else None, **extra)
