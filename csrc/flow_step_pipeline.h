@@ -135,11 +135,17 @@ inline Tensor pair_buffer(const Routing& r, int64_t N, const Tensor& like) {
 // velocity rows v of the potential fields) in (B * K, N) buffers, of which the first r.rows rows are
 // the pairs' (r.rows <= B * K: P on the CPU, the capacity on CUDA; the backward routes g again and
 // finds the same rows). save = false returns an empty (0,) tensor. B * K rows keep the output shape
-// static (fake kernels, torch.compile) whatever the sparsity.
+// static (fake kernels, torch.compile) whatever the sparsity; the rows past the pairs' are zeros, so
+// that the output is deterministic.
 
 /// The saved-rows output of a forward: (B * K, N), or (0,) when not saving.
 inline Tensor saved_rows(bool save, const Routing& r, int64_t N, const Tensor& like) {
-  return save ? at::empty({r.B * r.K, N}, like.options()) : at::empty({0}, like.options());
+  if (!save) return at::empty({0}, like.options());
+  const int64_t capacity = r.B * r.K;
+  if (!like.is_cpu()) return at::zeros({capacity, N}, like.options());  // P is known on the device only
+  Tensor rows = at::empty({capacity, N}, like.options());
+  rows.narrow(0, r.rows, capacity - r.rows).zero_();
+  return rows;
 }
 
 /// Whether a backward received saved rows (an undefined or empty tensor: recompute them).
@@ -387,31 +393,44 @@ struct MlpForward {
   Tensor S, DS1, R, E;  // (rows, H), (rows, H) or undefined, (rows, D), (rows, D) or undefined
 };
 
-/// The per-pair activations of the mlp fields; A: z (Rows::kSamples) or X (Rows::kPairs).
+/// ds1 = tanh'(h1) of the mlp fields' first layer, from s = tanh(h1).
+template <class Dev>
+Tensor mlp_hidden_derivative(const Dev& dev, const Tensor& S, const Routing& r) {
+  const int64_t H = S.size(1);
+  Tensor DS1 = pair_buffer(r, H, S);
+  AT_DISPATCH_FLOATING_TYPES(S.scalar_type(), "sta_mlp_hidden", [&] {
+    const math::MlpHiddenArgs<scalar_t> HA{S.const_data_ptr<scalar_t>(), DS1.data_ptr<scalar_t>(), H};
+    dev.for_pairs(r, 2 * H, HA);
+  });
+  return DS1;
+}
+
+/// The per-pair activations of the mlp fields; A: z (Rows::kSamples) or X (Rows::kPairs). The
+/// rows s, r (and E = Pdiv ds1 when Pdiv is defined) are written into `into`'s S, R, E when those
+/// are defined (saved rows), else into fresh pair buffers.
 template <class Dev>
 MlpForward mlp_recompute(const Dev& dev, const Tensor& A, Rows rows, const Tensor& W1, const Tensor& c1,
-                         const Tensor& W2, const Tensor& b2, const Tensor& Pdiv, const Routing& r) {
+                         const Tensor& W2, const Tensor& b2, const Tensor& Pdiv, const Routing& r,
+                         MlpForward into = {}) {
   const int64_t D = W2.size(1), H = W1.size(1);
   MlpForward f;
-  f.S = pair_buffer(r, H, A);
+  f.S = into.S.defined() ? into.S : pair_buffer(r, H, A);
   dev.mm(f.S, A, rows, W1, kTrans, r, c1, kTanh);
-  f.R = pair_buffer(r, D, A);
+  f.R = into.R.defined() ? into.R : pair_buffer(r, D, A);
   dev.mm(f.R, f.S, Rows::kPairs, W2, kTrans, r, b2, kTanh);
   if (Pdiv.defined()) {
-    f.DS1 = pair_buffer(r, H, A);
-    AT_DISPATCH_FLOATING_TYPES(A.scalar_type(), "sta_mlp_hidden", [&] {
-      const math::MlpHiddenArgs<scalar_t> HA{f.S.const_data_ptr<scalar_t>(), f.DS1.data_ptr<scalar_t>(), H};
-      dev.for_pairs(r, 2 * H, HA);
-    });
-    f.E = pair_buffer(r, D, A);
+    f.DS1 = mlp_hidden_derivative(dev, f.S, r);
+    f.E = into.E.defined() ? into.E : pair_buffer(r, D, A);
     dev.mm(f.E, f.DS1, Rows::kPairs, Pdiv, kTrans, r, Tensor(), false);  // E = Pdiv ds1
   }
   return f;
 }
 
 template <class Dev>
-std::tuple<Tensor, Tensor, Tensor> mlp_fwd(const Tensor& z_, const Tensor& g_, const Tensor& W1_, const Tensor& c1_,
-                                           const Tensor& W2_, const Tensor& b2_, const OptTensor& Pdiv_) {
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> mlp_fwd(const Tensor& z_, const Tensor& g_,
+                                                                   const Tensor& W1_, const Tensor& c1_,
+                                                                   const Tensor& W2_, const Tensor& b2_,
+                                                                   const OptTensor& Pdiv_, bool save) {
   const Inputs<7> in("sta::mlp_fwd",
                      {{"z", z_}, {"g", g_}, {"W1", W1_}, {"c1", c1_}, {"W2", W2_}, {"b2", b2_}, {"Pdiv", Pdiv_}});
   const Tensor &z = in[0], &g = in[1], &W1 = in[2], &c1 = in[3], &W2 = in[4], &b2 = in[5], &Pdiv = in[6];
@@ -420,7 +439,13 @@ std::tuple<Tensor, Tensor, Tensor> mlp_fwd(const Tensor& z_, const Tensor& g_, c
   Tensor velocity = at::empty({B, D}, opt), div = at::empty({B}, opt), div_rot = at::empty({B, K}, opt);
   const Dev dev(z);
   const Routing r = dev.route(g);
-  const MlpForward f = mlp_recompute(dev, z, Rows::kSamples, W1, c1, W2, b2, Pdiv, r);
+  const int64_t H = W1.size(1);
+  const Tensor saved_s = saved_rows(save, r, H, z), saved_r = saved_rows(save, r, D, z);
+  const Tensor saved_e = saved_rows(save && Pdiv.defined(), r, D, z);
+  MlpForward into;
+  if (save) into = {rows_of(saved_s, r, H, z), Tensor(), rows_of(saved_r, r, D, z),
+                    Pdiv.defined() ? rows_of(saved_e, r, D, z) : Tensor()};
+  const MlpForward f = mlp_recompute(dev, z, Rows::kSamples, W1, c1, W2, b2, Pdiv, r, into);
   Tensor divp = at::empty({r.rows}, opt);
   AT_DISPATCH_FLOATING_TYPES(z.scalar_type(), "sta_mlp_fwd", [&] {
     using T = scalar_t;
@@ -429,20 +454,24 @@ std::tuple<Tensor, Tensor, Tensor> mlp_fwd(const Tensor& z_, const Tensor& g_, c
     pair_sum<T>(dev, r, velocity, f.R, g.const_data_ptr<T>());
     pair_scatter<T>(dev, r, divp, g.const_data_ptr<T>(), div_rot.data_ptr<T>(), div.data_ptr<T>());
   });
-  return {velocity, div, div_rot};
+  return {velocity, div, div_rot, saved_s, saved_r, saved_e};
 }
 
 template <class Dev>
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> mlp_bwd(
     const OptTensor& grad_velocity_, const OptTensor& grad_div_, const OptTensor& grad_div_rot_, const Tensor& z_,
     const Tensor& g_, const Tensor& W1_, const Tensor& c1_, const Tensor& W2_, const Tensor& b2_,
-    const OptTensor& Pdiv_) {
-  const Inputs<10> in("sta::mlp_bwd", {{"z", z_}, {"g", g_}, {"W1", W1_}, {"c1", c1_}, {"W2", W2_}, {"b2", b2_},
+    const OptTensor& Pdiv_, const OptTensor& s_, const OptTensor& r_, const OptTensor& e_) {
+  const Inputs<13> in("sta::mlp_bwd", {{"z", z_}, {"g", g_}, {"W1", W1_}, {"c1", c1_}, {"W2", W2_}, {"b2", b2_},
                                          {"Pdiv", Pdiv_}, {"grad_velocity", grad_velocity_},
-                                         {"grad_div", grad_div_}, {"grad_div_rot", grad_div_rot_}});
+                                         {"grad_div", grad_div_}, {"grad_div_rot", grad_div_rot_},
+                                         {"s", s_}, {"r", r_}, {"e", e_}});
   const Tensor &z = in[0], &g = in[1], &W1 = in[2], &c1 = in[3], &W2 = in[4], &b2 = in[5], &Pdiv_in = in[6];
-  const Tensor &gV = in[7], &gdiv = in[8], &gdr = in[9];
+  const Tensor &gV = in[7], &gdiv = in[8], &gdr = in[9], &saved_s = in[10], &saved_r = in[11], &saved_e = in[12];
   const int64_t B = z.size(0), D = z.size(1), K = W1.size(0), H = W1.size(1);
+  check_saved_rows("sta::mlp_bwd", "s", saved_s, B * K, H);
+  check_saved_rows("sta::mlp_bwd", "r", saved_r, B * K, D);
+  check_saved_rows("sta::mlp_bwd", "e", saved_e, B * K, D);
   const auto opt = z.options();
   Tensor grad_z = at::empty({B, D}, opt), grad_g = at::empty({B, K}, opt);
   Tensor grad_W1 = at::empty_like(W1), grad_W2 = at::empty_like(W2);  // written whole by dev.outer
@@ -455,7 +484,17 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> mlp_bwd(
                      : Pdiv.defined()    ? at::empty_like(Pdiv)  // written whole by dev.outer
                                          : at::zeros_like(Pdiv_in);
   const Tensor X = dev.gather(z, D, r);
-  MlpForward f = mlp_recompute(dev, X, Rows::kPairs, W1, c1, W2, b2, Pdiv, r);
+  MlpForward f;
+  if (has_rows(saved_s) && has_rows(saved_r) && (!Pdiv.defined() || has_rows(saved_e))) {  // the forward's rows
+    f.S = saved_s.narrow(0, 0, r.rows);
+    f.R = saved_r.narrow(0, 0, r.rows);
+    if (Pdiv.defined()) {
+      f.DS1 = mlp_hidden_derivative(dev, f.S, r);
+      f.E = saved_e.narrow(0, 0, r.rows).clone();  // the epilogue writes dL/dE over it
+    }
+  } else {
+    f = mlp_recompute(dev, X, Rows::kPairs, W1, c1, W2, b2, Pdiv, r);
+  }
   Tensor G = dev.gather(gV, D, r);
   Tensor gw = at::empty({r.rows}, opt);
   Tensor GS = pair_buffer(r, H, z), GZ = pair_buffer(r, D, z);

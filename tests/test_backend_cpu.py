@@ -130,7 +130,7 @@ def _op_samples(dtype=F64):
                           (gr(B, D), None, None, None, z, g, *pp)],
         "hamiltonian_fwd": [(z, g, *hp, C), (z, g, *hp, None), (z, g, *hp, C, True)],
         "hamiltonian_bwd": [(gr(B, D), gr(B, K), z, g, *hp, C), (None, None, z, g, *hp, None)],
-        "mlp_fwd": [(z, g, *mp, P), (z, g, *mp, None)],
+        "mlp_fwd": [(z, g, *mp, P), (z, g, *mp, None), (z, g, *mp, P, True), (z, g, *mp, None, True)],
         "mlp_bwd": [(gr(B, D), gr(B), gr(B, K), z, g, *mp, P), (gr(B, D), None, None, z, g, *mp, None)],
     }
 
@@ -175,10 +175,10 @@ SAVED_CASES = [(9, 6, 7, 3, "mixed"), (5, 17, 4, 2, "on"), (6, 3, 5, 3, "off"), 
                (7, 1, 1, 1, "mixed")]
 
 
-@pytest.mark.parametrize("kind", ["potential", "hamiltonian"])
+@pytest.mark.parametrize("kind", ["potential", "hamiltonian", "mlp"])
 @pytest.mark.parametrize("case", SAVED_CASES, ids=[f"B{c[0]}D{c[1]}H{c[2]}K{c[3]}-{c[4]}" for c in SAVED_CASES])
 def test_saved_rows_give_the_recomputed_backward(cpu, kind, case):
-    """save=True returns (B*K, H [+ D]) rows; the backward given them equals the backward that
+    """save=True returns (B*K, H) / (B*K, D) rows; the backward given them equals the backward that
     recomputes them (every gradient, every optional output), and save=False returns (0,) tensors."""
     B, D, H, K, pattern = case
     z = torch.randn(B, D, dtype=F64)
@@ -187,10 +187,22 @@ def test_saved_rows_give_the_recomputed_backward(cpu, kind, case):
     if kind == "potential":
         *_, s, v = torch.ops.sta.potential_fwd(z, g, *p, True)
         assert s.shape == (B * K, H) and v.shape == (B * K, D)
+        P = int((g != 0).sum())  # the rows past the active pairs' are zeros (a deterministic output)
+        assert not s[P:].any() and not v[P:].any()
         assert [t.shape for t in torch.ops.sta.potential_fwd(z, g, *p)[4:]] == [(0,), (0,)]
         grad_outputs = [(torch.randn(B, D, dtype=F64), torch.randn(B, dtype=F64), torch.randn(B, K, dtype=F64),
                          torch.randn(B, K, dtype=F64)), (torch.randn(B, D, dtype=F64), None, None, None)]
         calls = [(lambda go, *saved: torch.ops.sta.potential_bwd(*go, z, g, *p, *saved), (s, v))]
+    elif kind == "mlp":
+        P = torch.randn(K, D, H, dtype=F64)
+        *_, s, r, e = torch.ops.sta.mlp_fwd(z, g, *p, P, True)
+        assert (s.shape, r.shape, e.shape) == ((B * K, H), (B * K, D), (B * K, D))
+        *_, s0, r0, e0 = torch.ops.sta.mlp_fwd(z, g, *p, None, True)  # no divergence: e is not saved
+        assert e0.shape == (0,) and r0.shape == (B * K, D)
+        grad_outputs = [(torch.randn(B, D, dtype=F64), torch.randn(B, dtype=F64), torch.randn(B, K, dtype=F64)),
+                        (torch.randn(B, D, dtype=F64), None, None)]
+        calls = [(lambda go, *saved: torch.ops.sta.mlp_bwd(*go, z, g, *p, P, *saved), (s, r, e)),
+                 (lambda go, *saved: torch.ops.sta.mlp_bwd(*go, z, g, *p, None, *saved), (s0, r0, e0))]
     else:
         C = torch.randn(K, H, H, dtype=F64)
         *_, s = torch.ops.sta.hamiltonian_fwd(z, g, *p, C, True)

@@ -150,10 +150,11 @@ TORCH_LIBRARY_FRAGMENT(sta, m) {
   m.def("hamiltonian_bwd(Tensor? grad_velocity, Tensor? grad_curl, Tensor z, Tensor g, Tensor W, "
         "Tensor c, Tensor a, Tensor M, Tensor? C, Tensor? s=None) -> (Tensor grad_z, Tensor grad_g, Tensor grad_W, "
         "Tensor grad_c, Tensor grad_a, Tensor grad_M, Tensor grad_C)");
-  m.def("mlp_fwd(Tensor z, Tensor g, Tensor W1, Tensor c1, Tensor W2, Tensor b2, Tensor? Pdiv) "
-        "-> (Tensor velocity, Tensor div, Tensor div_rot)");
+  m.def("mlp_fwd(Tensor z, Tensor g, Tensor W1, Tensor c1, Tensor W2, Tensor b2, Tensor? Pdiv, "
+        "bool save=False) -> (Tensor velocity, Tensor div, Tensor div_rot, Tensor s, Tensor r, Tensor e)");
   m.def("mlp_bwd(Tensor? grad_velocity, Tensor? grad_div, Tensor? grad_div_rot, Tensor z, Tensor g, "
-        "Tensor W1, Tensor c1, Tensor W2, Tensor b2, Tensor? Pdiv) -> (Tensor grad_z, Tensor grad_g, "
+        "Tensor W1, Tensor c1, Tensor W2, Tensor b2, Tensor? Pdiv, Tensor? s=None, Tensor? r=None, "
+        "Tensor? e=None) -> (Tensor grad_z, Tensor grad_g, "
         "Tensor grad_W1, Tensor grad_c1, Tensor grad_W2, Tensor grad_b2, Tensor grad_Pdiv)");
 }
 

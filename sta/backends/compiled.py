@@ -61,11 +61,14 @@ def _fake_hamiltonian_bwd(grad_velocity, grad_curl, z, g, W, c, a, M, C, s=None)
             z.new_empty(a.shape), z.new_empty(M.shape), z.new_empty(C.shape) if C is not None else z.new_empty(0))
 
 
-def _fake_mlp_fwd(z, g, W1, c1, W2, b2, Pdiv):
-    return z.new_empty(z.shape), z.new_empty(z.shape[0]), z.new_empty(g.shape)
+def _fake_mlp_fwd(z, g, W1, c1, W2, b2, Pdiv, save=False):
+    D = z.shape[1]
+    return (z.new_empty(z.shape), z.new_empty(z.shape[0]), z.new_empty(g.shape),
+            _fake_saved_rows(save, z, g, W1.shape[1]), _fake_saved_rows(save, z, g, D),
+            _fake_saved_rows(save and Pdiv is not None, z, g, D))
 
 
-def _fake_mlp_bwd(grad_velocity, grad_div, grad_div_rot, z, g, W1, c1, W2, b2, Pdiv):
+def _fake_mlp_bwd(grad_velocity, grad_div, grad_div_rot, z, g, W1, c1, W2, b2, Pdiv, s=None, r=None, e=None):
     return (z.new_empty(z.shape), z.new_empty(g.shape), z.new_empty(W1.shape), z.new_empty(c1.shape),
             z.new_empty(W2.shape), z.new_empty(b2.shape), z.new_empty(Pdiv.shape) if Pdiv is not None else z.new_empty(0))
 
@@ -77,21 +80,19 @@ def _fake_grid_transport(rho, u0, u1, u2, c0, c1, c2, periodic, limiter):
 # ----------------------------------------------------------------------------------------------
 # Autograd: the backward of each *_fwd op is its *_bwd op. Gradients of outputs that were not
 # used arrive as None (set_materialize_grads(False)), so the op skips those branches.
-# The potential and hamiltonian forwards called with save=True also return the per-pair rows
-# (tanh activations s, velocity rows v) that their backward would otherwise recompute with one
-# (rows x D x H) product per field; the backward takes them back (docs/ops.md, "Saved rows").
+# The forwards called with save=True also return the per-pair rows that their backward would
+# otherwise recompute with one (rows x D x H) product per field each (potential: s = tanh(h), v;
+# hamiltonian: s; mlp: s, r = tanh(h2), e = Pdiv ds1); the backward takes them back (docs/ops.md,
+# "Saved rows").
 # ----------------------------------------------------------------------------------------------
 
-def _setup(ctx, inputs, output):
-    ctx.set_materialize_grads(False)
-    ctx.save_for_backward(*inputs)
-
-
-def _setup_saving(ctx, inputs, output):
-    """Save the tensor inputs (all but the trailing ``save`` flag) and the saved-rows outputs."""
-    ctx.set_materialize_grads(False)
-    num_saved = {6: 2, 3: 1}[len(output)]  # potential_fwd: s, v; hamiltonian_fwd: s
-    ctx.save_for_backward(*inputs[:-1], *output[-num_saved:])
+def _setup_saving(num_saved: int):
+    """The setup of a forward op whose last ``num_saved`` outputs are saved rows: it saves the
+    tensor inputs (all but the trailing ``save`` flag) and those outputs."""
+    def setup(ctx, inputs, output):
+        ctx.set_materialize_grads(False)
+        ctx.save_for_backward(*inputs[:-1], *output[-num_saved:])
+    return setup
 
 
 def _grad_or_none(x, needed: bool):
@@ -111,11 +112,11 @@ def _hamiltonian_backward(ctx, grad_velocity, grad_curl, _grad_s=None):
         grads[6] if C is not None and ctx.needs_input_grad[6] else None, None)
 
 
-def _mlp_backward(ctx, grad_velocity, grad_div, grad_div_rot):
-    z, g, W1, c1, W2, b2, Pdiv = ctx.saved_tensors
-    grads = torch.ops.sta.mlp_bwd(grad_velocity, grad_div, grad_div_rot, z, g, W1, c1, W2, b2, Pdiv)
+def _mlp_backward(ctx, grad_velocity, grad_div, grad_div_rot, _grad_s=None, _grad_r=None, _grad_e=None):
+    z, g, W1, c1, W2, b2, Pdiv, s, r, e = ctx.saved_tensors
+    grads = torch.ops.sta.mlp_bwd(grad_velocity, grad_div, grad_div_rot, z, g, W1, c1, W2, b2, Pdiv, s, r, e)
     return tuple(_grad_or_none(x, n) for x, n in zip(grads[:6], ctx.needs_input_grad[:6])) + (
-        grads[6] if Pdiv is not None and ctx.needs_input_grad[6] else None,)
+        grads[6] if Pdiv is not None and ctx.needs_input_grad[6] else None, None)
 
 
 def _no_double_backward(ctx, *grads):
@@ -134,7 +135,8 @@ _FAKES = {"potential_fwd": _fake_potential_fwd, "potential_bwd": _fake_potential
           "mlp_fwd": _fake_mlp_fwd, "mlp_bwd": _fake_mlp_bwd, "grid_transport": _fake_grid_transport}
 _BACKWARDS = {"potential_fwd": _potential_backward, "hamiltonian_fwd": _hamiltonian_backward,
               "mlp_fwd": _mlp_backward}
-_SETUPS = {"potential_fwd": _setup_saving, "hamiltonian_fwd": _setup_saving, "mlp_fwd": _setup}
+_SETUPS = {"potential_fwd": _setup_saving(2), "hamiltonian_fwd": _setup_saving(1),  # s, v / s
+           "mlp_fwd": _setup_saving(3)}                                                  # s, r, e
 
 
 def _register_library_side() -> None:
@@ -218,7 +220,8 @@ class CompiledFlowStep(_Compiled):
         K = g.shape[1]
         need_div = "div" in want or "div_rot" in want
         Pdiv = p.W2 * p.W1.transpose(1, 2) if need_div else None  # (K, D, H): div = ds2 . (Pdiv ds1)
-        velocity, div, div_rot = torch.ops.sta.mlp_fwd(z, g, p.W1, p.c1, p.W2, p.b2, Pdiv)
+        velocity, div, div_rot, *_ = torch.ops.sta.mlp_fwd(z, g, p.W1, p.c1, p.W2, p.b2, Pdiv,
+                                                           _saving(z, g, p.W1, p.c1, p.W2, p.b2, Pdiv))
         curl = reference.mlp_terms(z, g, p, ("curl",)).curl if "curl" in want else None  # diagnostic
         extra = _pair_zeros(z, K, want, ("hj", "u"))
         return FieldTerms(velocity=velocity, div=div if "div" in want else None,
