@@ -28,7 +28,7 @@ from .backends.library import register_composite_op
 from .fields import FieldBank, as_time_tensor
 from .ops import (OUTPUT_NAMES, _active_fields, _check_inputs, _dtype_name, apply_step, float32_under_autocast,
                   flow_step, select_backend)
-from .reference import HamiltonianParams, MLPParams, PotentialParams
+from .reference import HamiltonianParams, MLPParams, PotentialParams, mlp_divergence_matrix
 
 __all__ = ["flow_path", "FlowPathOut", "chained_flow_path"]
 
@@ -125,7 +125,10 @@ def flow_path(
     if fields.num_potential:
         potential = list(fields.potential.prepare(times, _active_fields(g_pot.flatten(0, 1))))
     if fields.num_rotational:
-        rotational = list(fields.rotational.prepare(times, _active_fields(g_rot.flatten(0, 1))))
+        prepared = fields.rotational.prepare(times, _active_fields(g_rot.flatten(0, 1)))
+        if isinstance(prepared, MLPParams) and want & {"div", "div_rot"}:
+            prepared = prepared._replace(Pdiv=mlp_divergence_matrix(prepared))  # once, not per step
+        rotational = [t for t in prepared if t is not None]
     names = [name for name in OUTPUT_NAMES if name in want]
     # dt * 1.0: an int dt becomes a float, and a symbolic dt under torch.compile stays symbolic
     # (float() would specialise the graph on its value)
@@ -140,7 +143,7 @@ def _flow_path_composite(z0: Tensor, g_pot: Tensor, g_rot: Tensor, potential: li
     z0: (B, D); g_pot: (B, T, Kp); g_rot: (B, T, Kr); potential: the fields of
     :class:`sta.reference.PotentialParams` (``[]`` when Kp = 0) with ``c, de: (T, Kp, H)``;
     rotational: those of ``HamiltonianParams`` / ``MLPParams`` (``[]`` when Kr = 0) with the hidden
-    bias ``(T, Kr, H)``. Returns the ``outputs`` (names in :data:`sta.ops.OUTPUT_NAMES` order),
+    bias ``(T, Kr, H)`` (and, for the mlp fields, ``Pdiv`` when it was prepared). Returns the ``outputs`` (names in :data:`sta.ops.OUTPUT_NAMES` order),
     stacked per step as in :class:`FlowPathOut`.
     """
     # The backend by the name sta.flow_path resolved (a direct call of the op names one too): this

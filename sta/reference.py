@@ -39,6 +39,7 @@ __all__ = [
     "hamiltonian_rows",
     "mlp_rows",
     "hamiltonian_curl_matrices",
+    "mlp_divergence_matrix",
     "potential_terms",
     "hamiltonian_terms",
     "mlp_terms",
@@ -77,12 +78,16 @@ class MLPParams(NamedTuple):
     """Per-step parameters of K mlp rotational fields ``r_k = tanh(W2_k tanh(W1_k z + c1_k) + b2_k)``.
 
     W1: (K, H, D); c1: (K, H) = b1 + e(t); W2: (K, D, H); b2: (K, D).
+    Pdiv: (K, D, H) = W2 o W1^T, the divergence matrix of the compiled and Triton kernels, when it
+    was prepared (:func:`sta.flow_path` forms it once per path); None: they form it per call
+    (:func:`mlp_divergence_matrix`). The reference's own functions do not read it.
     """
 
     W1: Tensor
     c1: Tensor
     W2: Tensor
     b2: Tensor
+    Pdiv: Optional[Tensor] = None
 
 
 class FieldTerms(NamedTuple):
@@ -140,6 +145,13 @@ def hamiltonian_rows(z: Tensor, W: Tensor, c: Tensor, a: Tensor, M: Tensor,
         d = a[..., None, :] * (-2 * s * s1)
         out["curl"] = ((d @ G) * d).sum(-1) - ((d @ (N * N.mT)) * d).sum(-1)
     return out
+
+
+def mlp_divergence_matrix(p: MLPParams) -> Tensor:
+    """``Pdiv = W2 o W1^T: (K, D, H)``, with ``div r_k = sum_i s2'_i [Pdiv_k s1']_i`` (docs/ops.md 7):
+    ``p.Pdiv`` when prepared, else formed (a strided elementwise product: 102 ms of a 170 ms forward
+    at K = 16, D = H = 1024 on one CPU thread, so a path forms it once)."""
+    return p.Pdiv if p.Pdiv is not None else p.W2 * p.W1.transpose(1, 2)
 
 
 def hamiltonian_curl_matrices(p: HamiltonianParams) -> tuple[Tensor, Tensor]:

@@ -339,11 +339,12 @@ def check_terms(backend, kind, z, g, p, want, dtype, grad_outputs=None):
     parameter, of the weighted sum of the terms or, with ``grad_outputs`` (term name -> tensor),
     of a backward that receives exactly those tensors. Returns the backend's terms."""
     ref_dtype = reference_dtype(backend, dtype)
-    leaves = [z, g, *p]
+    given = [(name, x) for name, x in zip(type(p)._fields, p) if x is not None]  # an unprepared Pdiv is None
+    leaves = [z, g, *(x for _, x in given)]
     ref_leaves = [x.detach().to(ref_dtype, copy=True).requires_grad_(x.requires_grad) for x in leaves]
     got = getattr(backends.get_backend(backend), f"{kind}_terms")(z, g, p, want)
     expected = getattr(backends.get_backend(REFERENCE), f"{kind}_terms")(
-        ref_leaves[0], ref_leaves[1], type(p)(*ref_leaves[2:]), want)
+        ref_leaves[0], ref_leaves[1], type(p)(**{name: x for (name, _), x in zip(given, ref_leaves[2:])}), want)
     assert_all_close(got, expected, got._fields, dtype, what=f"{backend} {kind}.")
 
     def backward(out, xs):
@@ -352,7 +353,7 @@ def check_terms(backend, kind, z, g, p, want, dtype, grad_outputs=None):
         pairs = [(o, grad_outputs[n]) for n, o in zip(out._fields, out) if o is not None and o.requires_grad]
         return grads([o for o, _ in pairs], xs, [w.to(o.dtype) for o, w in pairs])
 
-    names = ["z", "g"] + list(type(p)._fields)
+    names = ["z", "g"] + [name for name, _ in given]
     assert_all_close(backward(got, leaves), backward(expected, ref_leaves), names, dtype,
                      what=f"{backend} {kind} grad ")
     return got

@@ -61,7 +61,8 @@ def test_terms_non_contiguous(backend, dtype, kind, one_thread):
         g = parity.coefficients((K, 2 * B), "mixed", dtype, signed=True)[:, ::2].t().requires_grad_()
         assert not z.is_contiguous() and not g.is_contiguous()
         p = parity.term_params(kind, K, H, D, dtype)
-        p = type(p)(*[x.detach().transpose(-1, -2).contiguous().transpose(-1, -2).requires_grad_() for x in p])
+        p = type(p)(*[None if x is None else x.detach().transpose(-1, -2).contiguous().transpose(-1, -2).requires_grad_()
+                      for x in p])
         grad_outputs = {"velocity": torch.randn(D, B, dtype=dtype).t(),
                         "div": torch.randn(1, dtype=dtype).expand(B)}
         grad_outputs.update({n: torch.randn(K, B, dtype=dtype).t() for n in ("hj", "u", "div_rot", "curl")})

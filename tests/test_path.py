@@ -5,6 +5,7 @@ import torch
 import sta
 from sta.backends import BackendUnavailableError
 from sta.path import chained_flow_path
+from sta.reference import mlp_divergence_matrix
 from tests.tolerances import assert_close
 
 OUTPUTS = ("z", "div", "hj", "div_rot", "curl", "u")
@@ -170,7 +171,10 @@ def test_flow_path_op_passes_opcheck(backend, dtype, construction, one_thread):
     g_rot = _coefficients(B, T, fields.num_rotational, "mixed", dtype, device).requires_grad_()
     times = 0.25 + 0.5 * torch.arange(T, dtype=dtype, device=device)
     potential = [p.detach().requires_grad_() for p in fields.potential.prepare(times)]
-    rotational = [p.detach().requires_grad_() for p in fields.rotational.prepare(times)]
+    prepared = fields.rotational.prepare(times)
+    if construction == "mlp":  # with the divergence matrix, as sta.flow_path prepares it
+        prepared = prepared._replace(Pdiv=mlp_divergence_matrix(prepared))
+    rotational = [p.detach().requires_grad_() for p in prepared]
     outputs = [o for o in OUTPUTS if construction != "mlp" or o != "curl"]
     sta.flow_path(z0, 0.0, g_pot, g_rot, fields, backend=backend)  # the public path reaches the op
     result = torch.library.opcheck(torch.ops.sta.flow_path.default,
@@ -194,3 +198,26 @@ def test_flow_path_runs_as_one_registered_op(monkeypatch):
     sta.flow_path(torch.randn(2, fields.dim, dtype=torch.float64), 0.0, torch.rand(2, 3, 3, dtype=torch.float64),
                   None, fields, backend="cpu")
     assert calls == ["cpu"]
+
+
+def test_flow_path_forms_the_mlp_divergence_matrix_once(monkeypatch):
+    """Pdiv = W2 o W1^T does not depend on t: every step of a path gets the same prepared matrix,
+    and a path that needs no divergence prepares none."""
+    from sta.backends.compiled import CompiledFlowStep
+
+    seen = []
+    original = CompiledFlowStep.mlp_terms
+
+    def spy(self, z, g, p, want=("div",)):
+        seen.append(p.Pdiv)
+        return original(self, z, g, p, want)
+
+    monkeypatch.setattr(CompiledFlowStep, "mlp_terms", spy)
+    fields = _bank("mlp", None, torch.float64, "cpu")
+    z0 = torch.randn(4, fields.dim, dtype=torch.float64)
+    g_rot = _coefficients(4, 3, fields.num_rotational, "on", torch.float64, "cpu")
+    sta.flow_path(z0, 0.0, None, g_rot, fields, outputs=("z", "div"), backend="cpu")
+    assert len(seen) == 3 and seen[0] is not None and all(P is seen[0] for P in seen)
+    seen.clear()
+    sta.flow_path(z0, 0.0, None, g_rot, fields, outputs=("z",), backend="cpu")
+    assert seen == [None, None, None]

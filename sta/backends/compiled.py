@@ -219,7 +219,7 @@ class CompiledFlowStep(_Compiled):
     def mlp_terms(self, z, g, p, want=("div",)):
         K = g.shape[1]
         need_div = "div" in want or "div_rot" in want
-        Pdiv = p.W2 * p.W1.transpose(1, 2) if need_div else None  # (K, D, H): div = ds2 . (Pdiv ds1)
+        Pdiv = reference.mlp_divergence_matrix(p) if need_div else None  # (K, D, H): div = ds2 . (Pdiv ds1)
         velocity, div, div_rot, *_ = torch.ops.sta.mlp_fwd(z, g, p.W1, p.c1, p.W2, p.b2, Pdiv,
                                                            _saving(z, g, p.W1, p.c1, p.W2, p.b2, Pdiv))
         curl = reference.mlp_terms(z, g, p, ("curl",)).curl if "curl" in want else None  # diagnostic

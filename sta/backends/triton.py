@@ -132,7 +132,7 @@ class TritonFlowStep(_Triton):
         )
 
     def mlp_terms(self, z, g, p, want):
-        Pdiv = p.W2 * p.W1.transpose(1, 2)  # (K, D, H): div r = sum_i s2'_i [Pdiv s1']_i
+        Pdiv = reference.mlp_divergence_matrix(p)  # (K, D, H): div r = sum_i s2'_i [Pdiv s1']_i
         vel, div, div_rot, _ = _fs.triton_flow_step(
             z, g, _fs.MLP, p.W1, p.c1, None, None, p.W2, p.b2, Pdiv, False, self.precision(z.dtype))
         curl = None
