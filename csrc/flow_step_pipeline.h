@@ -132,9 +132,9 @@ inline Tensor pair_buffer(const Routing& r, int64_t N, const Tensor& like) {
 
 // Saved rows. A forward called with save = true returns the per-pair rows its backward would
 // otherwise recompute with a (rows x D x H) product per field (the tanh activations s; the
-// potential fields' velocity rows v; the mlp fields' r and E) in (B * K, N) buffers, of which the first r.rows rows are
-// the pairs' (r.rows <= B * K: P on the CPU, the capacity on CUDA; the backward routes g again and
-// finds the same rows). save = false returns an empty (0,) tensor. B * K rows keep the output shape
+// potential fields' velocity rows v; the mlp fields' r and E) in (B * K, N) buffers, of which the
+// first r.rows rows are the pairs' (r.rows <= B * K: P on the CPU, the capacity on CUDA; the
+// backward routes g again and finds the same rows). save = false returns an empty (0,) tensor. B * K rows keep the output shape
 // static (fake kernels, torch.compile) whatever the sparsity; the rows past the pairs' are zeros, so
 // that the output is deterministic.
 
