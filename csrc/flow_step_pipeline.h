@@ -134,9 +134,9 @@ inline Tensor pair_buffer(const Routing& r, int64_t N, const Tensor& like) {
 // otherwise recompute with a (rows x D x H) product per field (the tanh activations s; the
 // potential fields' velocity rows v; the mlp fields' r and E) in (B * K, N) buffers, of which the
 // first r.rows rows are the pairs' (r.rows <= B * K: P on the CPU, the capacity on CUDA; the
-// backward routes g again and finds the same rows). save = false returns an empty (0,) tensor. B * K rows keep the output shape
-// static (fake kernels, torch.compile) whatever the sparsity; the rows past the pairs' are zeros, so
-// that the output is deterministic.
+// backward routes g again and finds the same rows). save = false returns an empty (0,) tensor.
+// B * K rows keep the output shape static (fake kernels, torch.compile) whatever the sparsity; the
+// rows past the pairs' are zeros, so that the output is deterministic.
 
 /// The saved-rows output of a forward: (B * K, N), or (0,) when not saving.
 inline Tensor saved_rows(bool save, const Routing& r, int64_t N, const Tensor& like) {

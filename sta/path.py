@@ -143,8 +143,9 @@ def _flow_path_composite(z0: Tensor, g_pot: Tensor, g_rot: Tensor, potential: li
     z0: (B, D); g_pot: (B, T, Kp); g_rot: (B, T, Kr); potential: the fields of
     :class:`sta.reference.PotentialParams` (``[]`` when Kp = 0) with ``c, de: (T, Kp, H)``;
     rotational: those of ``HamiltonianParams`` / ``MLPParams`` (``[]`` when Kr = 0) with the hidden
-    bias ``(T, Kr, H)`` (and, for the mlp fields, ``Pdiv`` when it was prepared). Returns the ``outputs`` (names in :data:`sta.ops.OUTPUT_NAMES` order),
-    stacked per step as in :class:`FlowPathOut`.
+    bias ``(T, Kr, H)`` (and, for the mlp fields, ``Pdiv`` when it was prepared). Returns the
+    ``outputs`` (names in :data:`sta.ops.OUTPUT_NAMES` order), stacked per step as in
+    :class:`FlowPathOut`.
     """
     # The backend by the name sta.flow_path resolved (a direct call of the op names one too): this
     # loads its ops when no caller did (opcheck), and is not a second user-level dispatch.
