@@ -442,9 +442,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> mlp_fwd(const Tensor&
   const int64_t H = W1.size(1);
   const Tensor saved_s = saved_rows(save, r, H, z), saved_r = saved_rows(save, r, D, z);
   const Tensor saved_e = saved_rows(save && Pdiv.defined(), r, D, z);
-  MlpForward into;
-  if (save) into = {rows_of(saved_s, r, H, z), Tensor(), rows_of(saved_r, r, D, z),
-                    Pdiv.defined() ? rows_of(saved_e, r, D, z) : Tensor()};
+  // the saved rows' views, or fresh pair buffers when not saving
+  const MlpForward into{rows_of(saved_s, r, H, z), Tensor(), rows_of(saved_r, r, D, z),
+                        Pdiv.defined() ? rows_of(saved_e, r, D, z) : Tensor()};
   const MlpForward f = mlp_recompute(dev, z, Rows::kSamples, W1, c1, W2, b2, Pdiv, r, into);
   Tensor divp = at::empty({r.rows}, opt);
   AT_DISPATCH_FLOATING_TYPES(z.scalar_type(), "sta_mlp_fwd", [&] {
