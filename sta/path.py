@@ -127,7 +127,9 @@ def flow_path(
     if fields.num_rotational:
         prepared = fields.rotational.prepare(times, _active_fields(g_rot.flatten(0, 1)))
         if isinstance(prepared, MLPParams) and want & {"div", "div_rot"}:
-            prepared = prepared._replace(Pdiv=mlp_divergence_matrix(prepared))  # once, not per step
+            # once, not per step; by the backend's own kernel when it has one
+            form = getattr(impl, "divergence_matrix", mlp_divergence_matrix)
+            prepared = prepared._replace(Pdiv=form(prepared))
         rotational = [t for t in prepared if t is not None]
     names = [name for name in OUTPUT_NAMES if name in want]
     # dt * 1.0: an int dt becomes a float, and a symbolic dt under torch.compile stays symbolic

@@ -168,6 +168,72 @@ def test_opcheck(cpu, op):
 
 
 # ----------------------------------------------------------------------------------------------
+# the mlp fields' divergence matrix Pdiv = W2 o W1^T (sta::divergence_matrix, tiled on the CPU)
+# ----------------------------------------------------------------------------------------------
+
+# (K, D, H): tile edges (64) crossed or not, D = 1, odd sizes, K = 0
+DIVERGENCE_MATRIX_SHAPES = [(1, 1, 1), (3, 17, 5), (2, 65, 130), (1, 255, 3), (2, 64, 64), (0, 4, 3)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["float32", "float64"])
+@pytest.mark.parametrize("shape", DIVERGENCE_MATRIX_SHAPES, ids=[f"K{k}D{d}H{h}" for k, d, h in DIVERGENCE_MATRIX_SHAPES])
+def test_divergence_matrix_is_the_strided_product_and_its_gradient(cpu, shape, dtype):
+    """One product per element: forward and both gradients equal ATen's bit for bit."""
+    K, D, H = shape
+    W1 = torch.randn(K, H, D, dtype=dtype, requires_grad=True)
+    W2 = torch.randn(K, D, H, dtype=dtype, requires_grad=True)
+    G = torch.randn(K, D, H, dtype=dtype)
+    P = torch.ops.sta.divergence_matrix(W1, W2)
+    expected = W2 * W1.transpose(1, 2)
+    assert torch.equal(P, expected.detach())
+    assert torch.equal(torch.cat([g.flatten() for g in torch.autograd.grad(P, (W1, W2), G)]),
+                       torch.cat([g.flatten() for g in torch.autograd.grad(expected, (W1, W2), G)]))
+
+
+def test_divergence_matrix_takes_non_contiguous_weights(cpu):
+    W1 = torch.randn(3, 9, 7, dtype=F64).transpose(1, 2)  # (3, 7, 9): K 3, H 7, D 9, strided
+    W2 = torch.randn(3, 7, 9, dtype=F64).transpose(1, 2)  # (3, 9, 7)
+    assert not W1.is_contiguous() and not W2.is_contiguous()
+    assert torch.equal(torch.ops.sta.divergence_matrix(W1, W2), W2 * W1.transpose(1, 2))
+
+
+def test_divergence_matrix_refuses_mismatched_weights(cpu):
+    with pytest.raises(RuntimeError, match=r"W2 must be \(K, D, H\) = \(2, 5, 3\)"):
+        torch.ops.sta.divergence_matrix(torch.randn(2, 3, 5), torch.randn(2, 3, 5))
+    with pytest.raises(RuntimeError, match="same dtype"):
+        torch.ops.sta.divergence_matrix(torch.randn(2, 3, 5), torch.randn(2, 5, 3, dtype=F64))
+
+
+def test_divergence_matrix_opcheck(cpu):
+    W1 = torch.randn(2, 3, 5, dtype=F64, requires_grad=True)
+    W2 = torch.randn(2, 5, 3, dtype=F64, requires_grad=True)
+    torch.library.opcheck(torch.ops.sta.divergence_matrix.default, (W1, W2))
+    detached = (torch.randn(2, 5, 3, dtype=F64), W1.detach(), W2.detach())
+    torch.library.opcheck(torch.ops.sta.divergence_matrix_bwd.default, detached,
+                          test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_dynamic"))
+
+
+def test_cpu_backend_forms_the_divergence_matrix_with_its_kernel(cpu, monkeypatch):
+    """A step (no prepared Pdiv) and a path both form Pdiv through sta::divergence_matrix."""
+    calls = []
+    kernel = torch.ops.sta.divergence_matrix
+
+    class Spy:
+        def __call__(self, *args):
+            calls.append(args[0].shape)
+            return kernel(*args)
+
+    monkeypatch.setattr(torch.ops.sta, "divergence_matrix", Spy())
+    fields = sta.FieldBank(6, 1, 2, 5, rotational="mlp").double()
+    z = torch.randn(4, 6, dtype=F64)
+    g_rot = coefficients((4, 2), "on", F64)
+    sta.flow_step(z, 0.3, None, g_rot, fields, 0.1, ("z", "div"), backend="cpu")
+    assert len(calls) == 1
+    sta.flow_path(z, 0.3, None, g_rot[:, None].expand(4, 3, 2), fields, 0.1, ("z", "div"), backend="cpu")
+    assert len(calls) == 2  # once for the three steps
+
+
+# ----------------------------------------------------------------------------------------------
 # saved rows: a forward with save=True hands its backward the rows it would otherwise recompute
 # ----------------------------------------------------------------------------------------------
 

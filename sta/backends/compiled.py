@@ -73,6 +73,14 @@ def _fake_mlp_bwd(grad_velocity, grad_div, grad_div_rot, z, g, W1, c1, W2, b2, P
             z.new_empty(W2.shape), z.new_empty(b2.shape), z.new_empty(Pdiv.shape) if Pdiv is not None else z.new_empty(0))
 
 
+def _fake_divergence_matrix(W1, W2):
+    return W2.new_empty(W2.shape)
+
+
+def _fake_divergence_matrix_bwd(grad, W1, W2):
+    return W1.new_empty(W1.shape), W2.new_empty(W2.shape)
+
+
 def _fake_grid_transport(rho, u0, u1, u2, c0, c1, c2, periodic, limiter):
     return torch.empty_like(rho, memory_format=torch.contiguous_format)
 
@@ -119,6 +127,16 @@ def _mlp_backward(ctx, grad_velocity, grad_div, grad_div_rot, _grad_s=None, _gra
         grads[6] if Pdiv is not None and ctx.needs_input_grad[6] else None, None)
 
 
+def _setup_divergence_matrix(ctx, inputs, output):
+    ctx.save_for_backward(*inputs)
+
+
+def _divergence_matrix_backward(ctx, grad):
+    W1, W2 = ctx.saved_tensors
+    grad_W1, grad_W2 = torch.ops.sta.divergence_matrix_bwd(grad, W1, W2)
+    return _grad_or_none(grad_W1, ctx.needs_input_grad[0]), _grad_or_none(grad_W2, ctx.needs_input_grad[1])
+
+
 def _no_double_backward(ctx, *grads):
     raise NotImplementedError(
         "the backward ops of the cpu/cuda flow step are not differentiable (no double backward); "
@@ -132,11 +150,13 @@ def _setup_bwd(ctx, inputs, output):
 #: op -> fake kernel; the forward ops' backward formulas
 _FAKES = {"potential_fwd": _fake_potential_fwd, "potential_bwd": _fake_potential_bwd,
           "hamiltonian_fwd": _fake_hamiltonian_fwd, "hamiltonian_bwd": _fake_hamiltonian_bwd,
-          "mlp_fwd": _fake_mlp_fwd, "mlp_bwd": _fake_mlp_bwd, "grid_transport": _fake_grid_transport}
+          "mlp_fwd": _fake_mlp_fwd, "mlp_bwd": _fake_mlp_bwd, "divergence_matrix": _fake_divergence_matrix,
+          "divergence_matrix_bwd": _fake_divergence_matrix_bwd, "grid_transport": _fake_grid_transport}
 _BACKWARDS = {"potential_fwd": _potential_backward, "hamiltonian_fwd": _hamiltonian_backward,
-              "mlp_fwd": _mlp_backward}
+              "mlp_fwd": _mlp_backward, "divergence_matrix": _divergence_matrix_backward}
 _SETUPS = {"potential_fwd": _setup_saving(2), "hamiltonian_fwd": _setup_saving(1),  # s, v / s
-           "mlp_fwd": _setup_saving(3)}                                                  # s, r, e
+           "mlp_fwd": _setup_saving(3),                                                  # s, r, e
+           "divergence_matrix": _setup_divergence_matrix}
 
 
 def _register_library_side() -> None:
@@ -216,10 +236,19 @@ class CompiledFlowStep(_Compiled):
         return FieldTerms(velocity=velocity, div=z.new_zeros(B) if "div" in want else None,
                           curl=curl if "curl" in want else None, **extra)
 
+    def divergence_matrix(self, p) -> Tensor:
+        """``Pdiv = W2 o W1^T: (K, D, H)`` of :func:`sta.reference.mlp_divergence_matrix` (``p.Pdiv``
+        when prepared): on the CPU by ``sta::divergence_matrix``, which reads the transposed operand
+        in tiles (K 16, D = H = 1024, one thread: forward 31 ms and backward 45 ms against ATen's
+        71 and 143; csrc/cpu/divergence_matrix.cpp); elsewhere ATen's strided product."""
+        if p.Pdiv is not None or p.W2.device.type != "cpu":
+            return reference.mlp_divergence_matrix(p)
+        return torch.ops.sta.divergence_matrix(p.W1, p.W2)
+
     def mlp_terms(self, z, g, p, want=("div",)):
         K = g.shape[1]
         need_div = "div" in want or "div_rot" in want
-        Pdiv = reference.mlp_divergence_matrix(p) if need_div else None  # (K, D, H): div = ds2 . (Pdiv ds1)
+        Pdiv = self.divergence_matrix(p) if need_div else None  # (K, D, H): div = ds2 . (Pdiv ds1)
         velocity, div, div_rot, *_ = torch.ops.sta.mlp_fwd(z, g, p.W1, p.c1, p.W2, p.b2, Pdiv,
                                                            _saving(z, g, p.W1, p.c1, p.W2, p.b2, Pdiv))
         curl = reference.mlp_terms(z, g, p, ("curl",)).curl if "curl" in want else None  # diagnostic
