@@ -184,24 +184,6 @@ def git_sha() -> str:
         return "unknown"
 
 
-def add_memory_argument(parser) -> None:
-    """``--reuse-memory``: run as ``sta train`` does by default (sta.memory.reuse_freed_memory)."""
-    parser.add_argument("--reuse-memory", action="store_true",
-                        help="keep freed memory mapped for reuse, as `sta train` does by default "
-                             "(sta.memory); default: the C library's own behaviour")
-
-
-def apply_memory(reuse: bool) -> str:
-    """Apply ``--reuse-memory``; returns how memory was allocated, for the results' provenance."""
-    if not reuse:
-        return "default malloc"
-    import sta.memory
-
-    if not sta.memory.reuse_freed_memory():
-        raise SystemExit("--reuse-memory: glibc's mallopt is not available on this machine")
-    return "freed memory reused (sta.memory.reuse_freed_memory)"
-
-
 def provenance(device: torch.device) -> dict:
     """Machine, versions and git sha, attached to every CSV row."""
     info = {

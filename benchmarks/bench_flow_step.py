@@ -706,7 +706,6 @@ def parser() -> argparse.ArgumentParser:
                    help="torch intra-op threads, or 'auto' (default): torch's choice on an idle machine, else "
                         "the cores the load average leaves idle (at least 1). More threads than idle cores "
                         "make every parallel region wait for a descheduled thread")
-    H.add_memory_argument(p)
     return p
 
 
@@ -748,7 +747,6 @@ def main(argv=None) -> int:
         return 2
     threads, why = choose_threads(args.threads, device)
     torch.set_num_threads(threads)
-    memory = H.apply_memory(args.reuse_memory)
     print(f"torch threads: {threads} ({why})", flush=True)
     args.reps = args.reps or (3 if args.quick else 10)
     args.budget_s = args.budget_s if args.budget_s is not None else (0.2 if args.quick else 2.0)
@@ -800,7 +798,6 @@ def main(argv=None) -> int:
     prov = H.provenance(device)
     prov["command"] = " ".join(["python benchmarks/bench_flow_step.py", *(sys.argv[1:] if argv is None else argv)])
     prov["threads"] = f"{threads} ({why})"
-    prov["memory"] = memory
     prov["sgemm_peak_gflops"] = round(sgemm, 1)
     prov["load_avg_before"] = " ".join(f"{x:.2f}" for x in load_before)
     prov["load_avg_after"] = " ".join(f"{x:.2f}" for x in load_after)
@@ -808,8 +805,7 @@ def main(argv=None) -> int:
     kernel = "cpu" if device.type == "cpu" else "cuda"
     target_lines = targets(rows, kernel)
     header = [f"Command: `{prov['command']}`.",
-              f"Machine: {prov['machine']}; torch {prov['torch']}; git {prov['git_sha']}; {prov['date']}; "
-              f"memory: {memory}.",
+              f"Machine: {prov['machine']}; torch {prov['torch']}; git {prov['git_sha']}; {prov['date']}.",
               f"SGEMM peak (float32, measured in this run): {sgemm:.1f} GFLOP/s. Load average before / after: "
               f"{prov['load_avg_before']} / {prov['load_avg_after']} (the CPU is shared). "
               f"Wall time {prov['wall_s']} s."]

@@ -49,8 +49,7 @@ from typing import NamedTuple, Optional
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _harness import (RESULTS_DIR, add_memory_argument, apply_memory, peak_memory_mb, print_table,  # noqa: E402
-                      provenance, write_csv)
+from _harness import RESULTS_DIR, peak_memory_mb, print_table, provenance, write_csv  # noqa: E402
 
 from sta.model import ModelConfig, STAModel  # noqa: E402
 from sta.models import networks  # noqa: E402
@@ -215,8 +214,7 @@ def markdown(rows: list, info: dict, command: str) -> str:
     head = ("| size | batch | variant | s / iteration [p20, p80] | x reference | path+loss share | "
             "pairs evaluated | peak MB | first iteration s | " + " | ".join(f"{p} s" for p in PHASES) + " |")
     lines = [f"# Seconds per training iteration ({info['machine']})", "",
-             f"`{command}`; torch {info['torch']}, git {info['git_sha']}, {info['date']}; memory: "
-             f"{info.get('memory', 'default malloc')}.", "",
+             f"`{command}`; torch {info['torch']}, git {info['git_sha']}, {info['date']}.", "",
              head, "|" + "---|" * (9 + len(PHASES))]
     ref = {(r["size"], r["batch"]): r["s_per_iter"] for r in rows if r["variant"] == "reference"}
     for r in rows:
@@ -239,12 +237,10 @@ def main(argv=None) -> int:
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1: comparable runs)")
     parser.add_argument("--reps", type=int, default=3, help="timed iterations per configuration")
     parser.add_argument("--out", default=None, help="CSV path (default benchmarks/results/train_<device>.csv)")
-    add_memory_argument(parser)
     args = parser.parse_args(argv)
     if args.reps < 1 or any(b < 1 for b in args.batches) or args.threads < 1:
         parser.error("--reps, --batches and --threads must be positive")
     torch.set_num_threads(args.threads)
-    memory = apply_memory(args.reuse_memory)
     device = torch.device(args.device)
     rows = []
     for size in args.sizes:
@@ -255,7 +251,6 @@ def main(argv=None) -> int:
                       f"(path+loss {row['path+loss_s']:.3f} s)", flush=True)
                 rows.append(row)
     info = provenance(device)
-    info["memory"] = memory
     out = args.out or os.path.join(RESULTS_DIR, f"train_{device.type}.csv")
     write_csv(out, rows, info)
     command = "python benchmarks/bench_train.py " + " ".join(argv if argv is not None else sys.argv[1:])

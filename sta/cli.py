@@ -104,11 +104,6 @@ def _train(args) -> int:
         update = None
     if int(os.environ.get("RANK", "0")) == 0:  # at the start: the run can be watched (metrics.jsonl)
         print(f"run directory: {out}", flush=True)
-    if args.reuse_memory:  # a training process of its own: keep freed memory mapped (sta.memory)
-        from .memory import reuse_freed_memory
-
-        if not reuse_freed_memory():
-            raise _CLIError("--reuse-memory: needs glibc's mallopt (Linux); this C library has none")
     train(config, out, resume=args.resume, progress=not args.quiet, update=update)
     return 0
 
@@ -172,9 +167,6 @@ def _add_train_arguments(parser) -> None:
     parser.add_argument("--set", action="append", metavar="KEY=VALUE",
                         help="override any config entry, e.g. --set model.latent=8 --set batch_size=16")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
-    parser.add_argument("--reuse-memory", action="store_true",
-                        help="keep freed memory mapped for reuse (glibc): spares the page faults of large "
-                             "tensors at large latent sizes, keeps the peak memory mapped (see sta.memory)")
 
 
 def main(argv=None) -> int:

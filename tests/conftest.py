@@ -60,18 +60,6 @@ def _seed():
     yield
 
 
-@pytest.fixture(autouse=True)
-def reuse_memory_calls(monkeypatch):
-    """The calls `sta train` makes to sta.memory.reuse_freed_memory, recorded instead of applied:
-    the test process keeps its allocator as it is (tests/test_memory.py runs the real one in a
-    child process)."""
-    import sta.memory
-
-    calls = []
-    monkeypatch.setattr(sta.memory, "reuse_freed_memory", lambda: calls.append(True) or True)
-    return calls
-
-
 @pytest.fixture
 def one_thread():
     """Run a test with one torch thread: tiny ops on a shared 2-core CPU ran ~100x slower with two
