@@ -42,6 +42,9 @@ z_next and of div against the float64 reference (max|err| / max|ref|);
 ``div_rel_med``: median over samples of |div - ref| / |ref|; ``err_grad`` (fwd+bwd): max relative
 error of the gradients of z and of every field parameter (the gradient of a zero coefficient is 0
 by contract for the sparse providers but not for the dense ones, so coefficients are left out).
+``products`` rows: the step's matrix products alone (:func:`products_call`), the floor under every
+sparse implementation that uses them; their ``x_torch`` is the largest speedup over the torch
+reference that an implementation with no other cost could reach.
 
 A baseline whose single call would take over a minute (``--max-call-s``; estimated from one timed
 call at a smaller batch, scaled linearly in B) is skipped, with the estimate in the row.
@@ -409,6 +412,35 @@ def sparse_flops(shape: Shape, pairs_pot: int, pairs_rot: int, mode: str) -> flo
     return 2.0 * shape.D * shape.H * products * (1 if mode == "fwd" else 3)
 
 
+def products_call(case: Case, mode: str, device: torch.device) -> Callable:
+    """The matrix products of the sparse step alone, as :func:`sparse_flops` counts them, on
+    preallocated buffers: per field with n active pairs, the forward's (n x a) @ (a x b) products
+    (potential: D -> H, H -> D; mlp: D -> H, H -> D twice) and, for fwd+bwd, each one's input
+    gradient (n x b) @ (b x a) and weight gradient (a x n) @ (n x b). Its time is a floor for any
+    implementation of the step built on these products (``products`` rows): what a backend spends
+    beyond it is its elementwise work, its glue and the time conditioning of the fields."""
+    shape = case.shape
+    D, H = shape.D, shape.H
+    counts = [int(n) for n in (case.g_pot != 0).sum(0)] + [int(n) for n in (case.g_rot != 0).sum(0)]
+    dims = [[(D, H), (H, D)]] * shape.Kp + [[(D, H), (H, D), (H, D)]] * shape.Kr
+    calls = []
+    for n, field_dims in zip(counts, dims):
+        if n == 0:
+            continue
+        for a, b in field_dims:
+            x, w, out = (torch.randn(*size, device=device) for size in ((n, a), (a, b), (n, b)))
+            calls.append((x, w, out))
+            if mode == "fwd+bwd":
+                gx, gw = torch.empty(n, a, device=device), torch.empty(a, b, device=device)
+                calls.append((out, w.t(), gx))   # input gradient
+                calls.append((x.t(), out, gw))   # weight gradient
+
+    def run():
+        for x, w, out in calls:
+            torch.mm(x, w, out=out)
+    return run
+
+
 def time_call(name: str, call: Callable, device: torch.device, args, est_s: Optional[float]) -> H.Timing:
     if name == "triton" and device.type == "cuda":
         import triton.testing
@@ -504,6 +536,17 @@ def run_case(case: Case, names: list, device, args, sgemm_gflops: float) -> list
             row["note"] = note
             print(f"  {shape.name} {mode:7s} {name:15s} {timing}", flush=True)
             rows.append(row)
+        timing = H.measure(products_call(case, mode, device), device, warmup=1, reps=args.reps, min_reps=3,
+                           budget_s=args.budget_s)
+        flops = sparse_flops(shape, pairs_pot, pairs_rot, mode)
+        rows.append(dict(section="step", shape=shape.name, provider="products", mode=mode, B=shape.B, D=shape.D,
+                         H=shape.H, Kp=shape.Kp, Kr=shape.Kr, active=shape.active, pairs=pairs_pot + pairs_rot,
+                         dtype="float32", rotational="mlp", what="measured", median_ms=timing.median,
+                         p20_ms=timing.p20, p80_ms=timing.p80, reps=timing.reps,
+                         gflops=flops / (timing.median * 1e-3) / 1e9,
+                         pct_peak=100 * flops / (timing.median * 1e-3) / 1e9 / sgemm_gflops,
+                         note="the step's matrix products alone (products_call): a floor, not an implementation"))
+        print(f"  {shape.name} {mode:7s} {'products':15s} {timing}", flush=True)
     for row in rows:  # speedups against the references of the same shape and mode
         for ref_name, col in (("authors", "x_authors"), ("autograd_exact", "x_exact"), ("torch", "x_torch")):
             ref = [r for r in rows if r["provider"] == ref_name and r["mode"] == row["mode"]
@@ -645,8 +688,10 @@ def summary(rows: list, kernel: str) -> list:
     for r in rows:
         if r.get("section") == "step" and r["provider"] == kernel and r["what"] == "measured":
             torch_row = _find(rows, r["shape"], "torch", r["mode"])
+            floor = _find(rows, r["shape"], "products", r["mode"])
             out.append({"shape": r["shape"], "mode": r["mode"], f"{kernel}_ms": r["median_ms"],
                         "torch_ms": torch_row["median_ms"] if torch_row else None,
+                        "products_ms": floor["median_ms"] if floor else None,
                         **{c: r.get(c) for c in ("x_torch", "x_exact", "x_authors", "gflops", "pct_peak")}})
     return out
 
