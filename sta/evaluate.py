@@ -14,6 +14,10 @@ Metrics, on the run's test split (sequences the model never saw, split by source
   one-to-one matching (Hungarian, scipy) between learned fields (argmax of the spike posterior
   per step) and true transformations; chance is 1/K. ``identification_f1``: on the combination
   split, micro F1 of the predicted active set (spike posterior > 1/2) mapped through that matching.
+  ``identification_counts[k][j]``: single-transformation steps of true transformation j whose
+  argmax field is k (what the matching is computed from: which transformations a model confuses);
+  ``identification_per_transformation``: per true transformation, the fraction of its steps whose
+  argmax field is the one matched to it.
   For "dense" the score is the inferred speed (active if > 1/2), for "slowvae" |g| (see below);
   "static" and "betavae" have no coefficients, so both are None (n/a).
 * How a model without fields is rolled forward: "linear" moves z along its learned directions;
@@ -32,7 +36,7 @@ from torch import Tensor
 
 from .train import load_data, load_run, progress_bar, schedules
 
-__all__ = ["evaluate", "equivariance_errors", "match_fields", "format_table"]
+__all__ = ["evaluate", "equivariance_errors", "identification_counts", "match_fields", "format_table"]
 
 
 def _chunks(x: Tensor, batch_size: int, bar=None):
@@ -66,6 +70,14 @@ def field_scores(model, x: Tensor, batch_size: int = 64, bar=None) -> Tensor:
     return model.coefficients.per_field(scores)
 
 
+def identification_counts(pred: Tensor, true: Tensor, num_fields: int, num_true: int) -> Tensor:
+    """``(num_fields, num_true)`` float64: counts[k, j] = steps of true transformation j whose
+    learned field is k; pred, true: ``(M,)`` int labels of single-transformation steps."""
+    counts = torch.zeros(num_fields, num_true, dtype=torch.float64)
+    counts.index_put_((pred, true), torch.ones(pred.shape[0], dtype=torch.float64), accumulate=True)
+    return counts
+
+
 def match_fields(pred: Tensor, true: Tensor, num_fields: int, num_true: int) -> tuple[list, float]:
     """Best one-to-one matching of learned fields to true transformations.
 
@@ -73,8 +85,7 @@ def match_fields(pred: Tensor, true: Tensor, num_fields: int, num_true: int) -> 
     steps. Returns ``(assignment, accuracy)``: assignment[k] = the true transformation matched to
     field k (or None), accuracy = fraction of steps whose field is matched to their transformation.
     """
-    counts = torch.zeros(num_fields, num_true, dtype=torch.float64)
-    counts.index_put_((pred, true), torch.ones(pred.shape[0], dtype=torch.float64), accumulate=True)
+    counts = identification_counts(pred, true, num_fields, num_true)
     try:
         from scipy.optimize import linear_sum_assignment
 
@@ -163,16 +174,26 @@ def evaluate(run_dir: str, iw_samples: int = 64, batch_size: int = 64, write: bo
         "identification_accuracy": None,
         "identification_chance": 1.0 / len(names),
         "identification_f1": None,
+        "identification_counts": None,
+        "identification_per_transformation": None,
         "field_assignment": None,
     }
     if model.has_transitions:  # static, betavae: no coefficients, identification n/a
         bar.total += xs.shape[0] + x.shape[0]
         bar.set_description_str("evaluate: identification")
         scores_single = field_scores(model, xs, batch_size, bar)
-        assignment, accuracy = match_fields(scores_single.argmax(-1).flatten(), which.flatten(),
-                                            scores_single.shape[-1], len(names))
+        pred = scores_single.argmax(-1).flatten()
+        assignment, accuracy = match_fields(pred, which.flatten(), scores_single.shape[-1], len(names))
+        counts = identification_counts(pred, which.flatten(), scores_single.shape[-1], len(names))
+        per_transformation = {}
+        for j, name in enumerate(names):
+            matched = [k for k, jj in enumerate(assignment) if jj == j]
+            total = counts[:, j].sum().item()
+            per_transformation[name] = counts[matched, j].sum().item() / total if total else None
         scores = field_scores(model, x, batch_size, bar)
         result.update(identification_accuracy=accuracy, identification_f1=_f1(scores, active, assignment),
+                      identification_counts=[[int(c) for c in row] for row in counts.tolist()],
+                      identification_per_transformation=per_transformation,
                       field_assignment=[None if j is None else names[j] for j in assignment])
     bar.close()
     if write:
@@ -200,8 +221,10 @@ def format_table(result: dict) -> str:
     rows += [
         (f"identification accuracy (chance {result['identification_chance']:.2f})",
          _fmt(result["identification_accuracy"])),
-        ("identification F1 (combinations)", _fmt(result["identification_f1"])),
     ]
+    for name, value in (result.get("identification_per_transformation") or {}).items():
+        rows.append((f"  single {name}", _fmt(value)))
+    rows += [("identification F1 (combinations)", _fmt(result["identification_f1"]))]
     for key in ("recon", "kl_z0", "kl_path", "kl_spike", "kl_slab", "hj", "div"):
         rows.append((f"  ELBO term {key}", _fmt(result["elbo_terms"][key], 6)))
     width = max(len(r[0]) for r in rows)

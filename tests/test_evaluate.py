@@ -12,14 +12,15 @@ import pytest
 import torch
 
 import sta.evaluate as evaluate_module
-from sta.evaluate import _f1, equivariance_errors, evaluate, format_table, match_fields
+from sta.evaluate import _f1, equivariance_errors, evaluate, format_table, identification_counts, match_fields
 from sta.model import MODELS, ModelConfig, STAModel
 from sta.train import apply_overrides, load_data, load_run, preset, train
 
 KEYS = {"run_dir", "model", "dataset", "step", "test_sequences", "frames_per_sequence", "nelbo_per_sequence",
         "nelbo_per_frame", "elbo_terms", "nll_x0_iw", "iw_samples", "equivariance_error",
         "equivariance_error_single", "equivariance_error_per_transformation", "identification_accuracy",
-        "identification_chance", "identification_f1", "field_assignment"}
+        "identification_chance", "identification_f1", "identification_counts", "identification_per_transformation",
+        "field_assignment"}
 TERMS = {"recon", "kl_z0", "kl_path", "kl_spike", "kl_slab", "hj", "div", "nelbo", "loss", "evaluated"}
 
 
@@ -79,6 +80,7 @@ def test_eval_json_keys_and_sane_values(model, tmp_path_factory):
     if model in ("static", "betavae"):  # no coefficients: identification is the one metric that is n/a
         assert stored["identification_accuracy"] is None and stored["identification_f1"] is None
         assert stored["field_assignment"] is None
+        assert stored["identification_counts"] is None and stored["identification_per_transformation"] is None
     else:
         assert 0.0 <= stored["identification_accuracy"] <= 1.0
         assert 0.0 <= stored["identification_f1"] <= 1.0
@@ -86,6 +88,11 @@ def test_eval_json_keys_and_sane_values(model, tmp_path_factory):
         assert len(assignment) == config.model.num_fields
         matched = [a for a in assignment if a is not None]
         assert len(set(matched)) == len(matched) and set(matched) <= set(names)
+        counts = stored["identification_counts"]  # every single-transformation step counted once
+        assert len(counts) == config.model.num_fields and sum(map(sum, counts)) == stored["test_sequences"] * (
+            stored["frames_per_sequence"] - 1)
+        per = stored["identification_per_transformation"]
+        assert list(per) == names and all(v is None or 0.0 <= v <= 1.0 for v in per.values())
     table = format_table(result)
     assert f"{model} on digits, step 20" in table and "equivariance error" in table
     assert ("n/a" in table) == (model in ("static", "betavae")), "every metric that applies is reported"
@@ -119,6 +126,11 @@ def test_identification_recovers_a_known_matching(tmp_path_factory, monkeypatch)
     assert result["identification_accuracy"] == 1.0
     assert result["identification_f1"] == 1.0
     assert result["field_assignment"] == [names[j] for j in perm]
+    assert result["identification_per_transformation"] == {name: 1.0 for name in names}
+    counts = result["identification_counts"]  # field k sees only transformation perm[k]
+    which = ds_single.tensors()["active"].argmax(-1).flatten()
+    for k in range(3):
+        assert counts[k] == [int((which == j).sum()) if j == perm[k] else 0 for j in range(3)]
 
 
 def test_match_fields_and_f1_by_hand():
@@ -127,6 +139,8 @@ def test_match_fields_and_f1_by_hand():
     assignment, accuracy = match_fields(pred, true, num_fields=4, num_true=3)
     assert assignment == [2, 0, 1, None]
     assert accuracy == pytest.approx(6 / 8)
+    # rows: fields, columns: true transformations
+    assert identification_counts(pred, true, 4, 3).tolist() == [[0, 1, 2], [2, 0, 0], [0, 2, 0], [0, 0, 1]]
     # F1: scores (N=1, T=2, K=4), truth (1, 2, 3); field 0 -> transformation 2, field 1 -> 0
     scores = torch.tensor([[[0.9, 0.8, 0.1, 0.0], [0.2, 0.0, 0.0, 0.9]]])
     active = torch.tensor([[[1.0, 0.0, 1.0], [0.0, 1.0, 0.0]]])
