@@ -239,8 +239,8 @@ class CompiledFlowStep(_Compiled):
     def divergence_matrix(self, p) -> Tensor:
         """``Pdiv = W2 o W1^T: (K, D, H)`` of :func:`sta.reference.mlp_divergence_matrix` (``p.Pdiv``
         when prepared): on the CPU by ``sta::divergence_matrix``, which reads the transposed operand
-        in tiles (K 16, D = H = 1024, one thread: forward 31 ms and backward 45 ms against ATen's
-        71 and 143; csrc/cpu/divergence_matrix.cpp); elsewhere ATen's strided product."""
+        in tiles (K 16, D = H = 1024, one thread: forward 68 ms and backward 127 ms against ATen's
+        103 and 250; csrc/cpu/divergence_matrix.cpp); elsewhere ATen's strided product."""
         if p.Pdiv is not None or p.W2.device.type != "cpu":
             return reference.mlp_divergence_matrix(p)
         return torch.ops.sta.divergence_matrix(p.W1, p.W2)
