@@ -73,6 +73,18 @@ void for_tiles(int64_t K, int64_t D, int64_t H, const F& f) {
   });
 }
 
+// f(base, i0, i1, j0, j1, t) for every tile, with t[i - i0][j - j0] = W1[k, j, i] loaded (base: the
+// offset k * D * H of field k in W1, W2 and every (K, D, H) or (K, H, D) tensor).
+template <typename T, class F>
+void for_w1_tiles(const T* w1, int64_t K, int64_t D, int64_t H, const F& f) {
+  for_tiles(K, D, H, [&](int64_t k, int64_t i0, int64_t i1, int64_t j0, int64_t j1) {
+    const int64_t base = k * D * H;
+    Tile<T> t;
+    t.load_transposed(w1 + base, D, j0, j1, i0, i1);
+    f(base, i0, i1, j0, j1, t);
+  });
+}
+
 Tensor divergence_matrix(const Tensor& W1_, const Tensor& W2_) {
   check_weights("sta::divergence_matrix", W1_, W2_);
   const Tensor W1 = W1_.contiguous(), W2 = W2_.contiguous();
@@ -82,10 +94,7 @@ Tensor divergence_matrix(const Tensor& W1_, const Tensor& W2_) {
     const scalar_t* w1 = W1.const_data_ptr<scalar_t>();
     const scalar_t* w2 = W2.const_data_ptr<scalar_t>();
     scalar_t* p = P.data_ptr<scalar_t>();
-    for_tiles(K, D, H, [&](int64_t k, int64_t i0, int64_t i1, int64_t j0, int64_t j1) {
-      const int64_t base = k * D * H;
-      Tile<scalar_t> t;
-      t.load_transposed(w1 + base, D, j0, j1, i0, i1);  // t[i][j] = W1[j, i]
+    for_w1_tiles(w1, K, D, H, [&](int64_t base, int64_t i0, int64_t i1, int64_t j0, int64_t j1, Tile<scalar_t>& t) {
       for (int64_t i = i0; i < i1; ++i) {
         const scalar_t* row = t.row(i - i0);
         for (int64_t j = j0; j < j1; ++j) p[base + i * H + j] = w2[base + i * H + j] * row[j - j0];
@@ -110,10 +119,7 @@ std::tuple<Tensor, Tensor> divergence_matrix_bwd(const Tensor& grad_, const Tens
     const scalar_t* w2 = W2.const_data_ptr<scalar_t>();
     scalar_t* g1 = gW1.data_ptr<scalar_t>();
     scalar_t* g2 = gW2.data_ptr<scalar_t>();
-    for_tiles(K, D, H, [&](int64_t k, int64_t i0, int64_t i1, int64_t j0, int64_t j1) {
-      const int64_t base = k * D * H;
-      Tile<scalar_t> t;
-      t.load_transposed(w1 + base, D, j0, j1, i0, i1);  // t[i][j] = W1[j, i]
+    for_w1_tiles(w1, K, D, H, [&](int64_t base, int64_t i0, int64_t i1, int64_t j0, int64_t j1, Tile<scalar_t>& t) {
       for (int64_t i = i0; i < i1; ++i) {
         scalar_t* row = t.row(i - i0);
         for (int64_t j = j0; j < j1; ++j) {
