@@ -36,7 +36,7 @@ from torch import Tensor
 
 from .train import load_data, load_run, progress_bar, schedules
 
-__all__ = ["evaluate", "equivariance_errors", "identification_counts", "match_fields", "format_table"]
+__all__ = ["evaluate", "equivariance_errors", "identification_counts", "match_counts", "match_fields", "format_table"]
 
 
 def _chunks(x: Tensor, batch_size: int, bar=None):
@@ -85,7 +85,12 @@ def match_fields(pred: Tensor, true: Tensor, num_fields: int, num_true: int) -> 
     steps. Returns ``(assignment, accuracy)``: assignment[k] = the true transformation matched to
     field k (or None), accuracy = fraction of steps whose field is matched to their transformation.
     """
-    counts = identification_counts(pred, true, num_fields, num_true)
+    return match_counts(identification_counts(pred, true, num_fields, num_true))
+
+
+def match_counts(counts: Tensor) -> tuple[list, float]:
+    """:func:`match_fields` on the counts of :func:`identification_counts`."""
+    num_fields, num_true = counts.shape
     try:
         from scipy.optimize import linear_sum_assignment
 
@@ -103,7 +108,7 @@ def match_fields(pred: Tensor, true: Tensor, num_fields: int, num_true: int) -> 
     for k, j in pairs:
         assignment[k] = j
     matched = sum(counts[k, j].item() for k, j in pairs)
-    return assignment, matched / max(pred.shape[0], 1)
+    return assignment, matched / max(counts.sum().item(), 1)
 
 
 def _f1(scores: Tensor, active: Tensor, assignment: list, threshold: float = 0.5) -> float:
@@ -182,9 +187,9 @@ def evaluate(run_dir: str, iw_samples: int = 64, batch_size: int = 64, write: bo
         bar.total += xs.shape[0] + x.shape[0]
         bar.set_description_str("evaluate: identification")
         scores_single = field_scores(model, xs, batch_size, bar)
-        pred = scores_single.argmax(-1).flatten()
-        assignment, accuracy = match_fields(pred, which.flatten(), scores_single.shape[-1], len(names))
-        counts = identification_counts(pred, which.flatten(), scores_single.shape[-1], len(names))
+        counts = identification_counts(scores_single.argmax(-1).flatten(), which.flatten(),
+                                       scores_single.shape[-1], len(names))
+        assignment, accuracy = match_counts(counts)
         per_transformation = {}
         for j, name in enumerate(names):
             matched = [k for k, jj in enumerate(assignment) if jj == j]
