@@ -3,8 +3,10 @@
 One iteration = ``model.elbo(x)`` forward + backward + an Adam step, on random frames of the
 model's image size (the data loader is not timed). For every size x batch x variant the script
 reports the median seconds per iteration (p20/p80), a per-phase split, the fraction of
-(sample, transition, field) pairs the flow evaluated (the ELBO's ``evaluated``), and the peak
-memory of one iteration.
+(sample, transition, field) pairs the flow evaluated (the ELBO's ``evaluated``), the peak
+memory of one iteration (``peak_mb``: tensors alive at once, the cpu backend's pooled buffers
+included) and the free blocks the cpu backend's buffer pool keeps after it (``pool_mb``: held for
+the next iteration, so the process's footprint is at most the sum).
 
 Sizes (``--sizes``; image 28x28x3, T = 8, the ``quick`` preset's conv width unless noted):
 
@@ -51,6 +53,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _harness import RESULTS_DIR, peak_memory_mb, print_table, provenance, write_csv  # noqa: E402
 
+from sta import _extension  # noqa: E402
 from sta.model import ModelConfig, STAModel  # noqa: E402
 from sta.models import networks  # noqa: E402
 from sta.path import chained_flow_path  # noqa: E402
@@ -202,7 +205,8 @@ def _bench_one(size: str, batch: int, variant: str, device: torch.device, reps: 
         "variant": variant, "backend": config.backend,
         "s_per_iter": statistics.median(totals),
         "p20": totals[int(0.2 * (len(totals) - 1))], "p80": totals[int(round(0.8 * (len(totals) - 1)))],
-        "pairs_evaluated": float(torch.stack(phases["evaluated"]).mean()), "peak_mb": peak, "reps": reps,
+        "pairs_evaluated": float(torch.stack(phases["evaluated"]).mean()), "peak_mb": peak,
+        "pool_mb": pool_cached_mb(device), "reps": reps,
         "first_iter_s": first["total"][0],
     }
     for name in PHASES:
@@ -210,12 +214,21 @@ def _bench_one(size: str, batch: int, variant: str, device: torch.device, reps: 
     return row
 
 
+def pool_cached_mb(device: torch.device) -> float:
+    """MiB of free blocks the cpu backend's buffer pool holds after the iteration: memory the process
+    keeps beyond ``peak_mb`` (which counts the pool's blocks only while tensors use them)."""
+    if device.type != "cpu" or _extension.load() is None:
+        return 0.0
+    from sta.backends import cpu
+    return cpu.memory_stats()["cached"] / 2 ** 20
+
+
 def markdown(rows: list, info: dict, command: str) -> str:
     head = ("| size | batch | variant | s / iteration [p20, p80] | x reference | path+loss share | "
-            "pairs evaluated | peak MB | first iteration s | " + " | ".join(f"{p} s" for p in PHASES) + " |")
+            "pairs evaluated | peak MB | pool MB | first iteration s | " + " | ".join(f"{p} s" for p in PHASES) + " |")
     lines = [f"# Seconds per training iteration ({info['machine']})", "",
              f"`{command}`; torch {info['torch']}, git {info['git_sha']}, {info['date']}.", "",
-             head, "|" + "---|" * (9 + len(PHASES))]
+             head, "|" + "---|" * (10 + len(PHASES))]
     ref = {(r["size"], r["batch"]): r["s_per_iter"] for r in rows if r["variant"] == "reference"}
     for r in rows:
         base = ref.get((r["size"], r["batch"]))
@@ -223,7 +236,7 @@ def markdown(rows: list, info: dict, command: str) -> str:
         share = r["path+loss_s"] / r["s_per_iter"]
         lines.append(f"| {r['size']} (D {r['D']}, K {r['K']}, H {r['H']}) | {r['batch']} | {r['variant']} | "
                      f"{r['s_per_iter']:.3f} [{r['p20']:.3f}, {r['p80']:.3f}] | {speedup} | {share:.0%} | "
-                     f"{r['pairs_evaluated']:.2f} | {r['peak_mb']:.0f} | {r['first_iter_s']:.1f} | "
+                     f"{r['pairs_evaluated']:.2f} | {r['peak_mb']:.0f} | {r['pool_mb']:.0f} | {r['first_iter_s']:.1f} | "
                      + " | ".join("-" if math.isnan(r[f"{p}_s"]) else f"{r[f'{p}_s']:.3f}" for p in PHASES) + " |")
     return "\n".join(lines) + "\n"
 

@@ -44,6 +44,7 @@
 #include <tuple>
 #include <utility>
 
+#include "buffer_pool.h"
 #include "flow_math.h"
 
 namespace sta {
@@ -127,7 +128,7 @@ class Inputs {
 inline Tensor field_row_norms_sq(const Tensor& W) { return at::linalg_vector_norm(W, 2, {-1}).square(); }
 
 inline Tensor pair_buffer(const Routing& r, int64_t N, const Tensor& like) {
-  return at::empty({r.rows, N}, like.options());
+  return buffer_pool::empty({r.rows, N}, like.options());
 }
 
 // Saved rows. A forward called with save = true returns the per-pair rows its backward would
@@ -140,10 +141,10 @@ inline Tensor pair_buffer(const Routing& r, int64_t N, const Tensor& like) {
 
 /// The saved-rows output of a forward: (B * K, N), or (0,) when not saving.
 inline Tensor saved_rows(bool save, const Routing& r, int64_t N, const Tensor& like) {
-  if (!save) return at::empty({0}, like.options());
+  if (!save) return buffer_pool::empty({0}, like.options());
   const int64_t capacity = r.B * r.K;
   if (!like.is_cpu()) return at::zeros({capacity, N}, like.options());  // P is known on the device only
-  Tensor rows = at::empty({capacity, N}, like.options());
+  Tensor rows = buffer_pool::empty({capacity, N}, like.options());
   rows.narrow(0, r.rows, capacity - r.rows).zero_();
   return rows;
 }
@@ -192,15 +193,15 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> potential_fwd(const T
   const Tensor &z = in[0], &g = in[1], &W = in[2], &c = in[3], &a = in[4], &de = in[5];
   const int64_t B = z.size(0), D = z.size(1), K = W.size(0), H = W.size(1);
   const auto opt = z.options();
-  Tensor velocity = at::empty({B, D}, opt), div = at::empty({B}, opt);
-  Tensor hj = at::empty({B, K}, opt), u = at::empty({B, K}, opt);
+  Tensor velocity = buffer_pool::empty({B, D}, opt), div = buffer_pool::empty({B}, opt);
+  Tensor hj = buffer_pool::empty({B, K}, opt), u = buffer_pool::empty({B, K}, opt);
   const Dev dev(z);
   const Routing r = dev.route(g);
   const Tensor wn = field_row_norms_sq(W);
   const Tensor saved_s = saved_rows(save, r, H, z), saved_v = saved_rows(save, r, D, z);
   Tensor S = rows_of(saved_s, r, H, z), V = rows_of(saved_v, r, D, z);
   const Tensor Q = save ? pair_buffer(r, H, z) : S;  // q over s unless s is saved
-  Tensor lap = at::empty({r.rows}, opt), dudt = at::empty({r.rows}, opt), up = at::empty({r.rows}, opt);
+  Tensor lap = buffer_pool::empty({r.rows}, opt), dudt = buffer_pool::empty({r.rows}, opt), up = buffer_pool::empty({r.rows}, opt);
   dev.mm(S, z, Rows::kSamples, W, kTrans, r, c, kTanh);  // s = tanh(W x + c)
   AT_DISPATCH_FLOATING_TYPES(z.scalar_type(), "sta_potential_fwd", [&] {
     using T = scalar_t;
@@ -233,21 +234,21 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> potential_bwd(
   check_saved_rows("sta::potential_bwd", "s", saved_s, B * K, H);
   check_saved_rows("sta::potential_bwd", "v", saved_v, B * K, D);
   const auto opt = z.options();
-  Tensor grad_z = at::empty({B, D}, opt), grad_g = at::empty({B, K}, opt), grad_W = at::empty_like(W);
-  Tensor grad_c = at::empty({K, H}, opt), grad_a = at::empty({K, H}, opt), grad_de = at::empty({K, H}, opt);
+  Tensor grad_z = buffer_pool::empty({B, D}, opt), grad_g = buffer_pool::empty({B, K}, opt), grad_W = buffer_pool::empty(W.sizes(), W.options());
+  Tensor grad_c = buffer_pool::empty({K, H}, opt), grad_a = buffer_pool::empty({K, H}, opt), grad_de = buffer_pool::empty({K, H}, opt);
   const Dev dev(z);
   const Routing r = dev.route(g);
   const Tensor wn = field_row_norms_sq(W);
   const Tensor X = dev.gather(z, D, r);
   // s: the forward's (a copy: the epilogue writes Qx over it) or recomputed
-  Tensor S = has_rows(saved_s) ? saved_s.narrow(0, 0, r.rows).clone() : pair_buffer(r, H, z);
+  Tensor S = has_rows(saved_s) ? pair_buffer(r, H, z).copy_(saved_s.narrow(0, 0, r.rows)) : pair_buffer(r, H, z);
   if (!has_rows(saved_s)) dev.mm(S, X, Rows::kPairs, W, kTrans, r, c, kTanh);
   Tensor G = dev.gather(gV, D, r);
-  Tensor gw = at::empty({r.rows}, opt);
-  Tensor buf = at::empty({4, r.rows, H}, opt);  // GQ -> GH, A2, A3, A4 (flow_math.h)
+  Tensor gw = buffer_pool::empty({r.rows}, opt);
+  Tensor buf = buffer_pool::empty({4, r.rows, H}, opt);  // GQ -> GH, A2, A3, A4 (flow_math.h)
   Tensor GQ = buf[0];
   Tensor GZ = pair_buffer(r, D, z);
-  Tensor sums = at::empty({K, 4, H}, opt);  // per-field sums of buf
+  Tensor sums = buffer_pool::empty({K, 4, H}, opt);  // per-field sums of buf
   const bool weighted = ghj.defined();
   AT_DISPATCH_FLOATING_TYPES(z.scalar_type(), "sta_potential_bwd", [&] {
     using T = scalar_t;
@@ -302,7 +303,7 @@ std::tuple<Tensor, Tensor, Tensor> hamiltonian_fwd(const Tensor& z_, const Tenso
   const Tensor &z = in[0], &g = in[1], &W = in[2], &c = in[3], &a = in[4], &M = in[5], &C = in[6];
   const int64_t B = z.size(0), D = z.size(1), K = W.size(0), H = W.size(1);
   const auto opt = z.options();
-  Tensor velocity = at::empty({B, D}, opt), curl = at::empty({B, K}, opt);
+  Tensor velocity = buffer_pool::empty({B, D}, opt), curl = buffer_pool::empty({B, K}, opt);
   const Dev dev(z);
   const Routing r = dev.route(g);
   const bool with_curl = C.defined();
@@ -342,9 +343,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> hamiltonian_b
   const int64_t B = z.size(0), D = z.size(1), K = W.size(0), H = W.size(1);
   check_saved_rows("sta::hamiltonian_bwd", "s", saved_s, B * K, H);
   const auto opt = z.options();
-  Tensor grad_z = at::empty({B, D}, opt), grad_g = at::empty({B, K}, opt);
-  Tensor grad_W = at::empty_like(W), grad_M = at::empty_like(M);  // written whole by dev.outer
-  Tensor grad_c = at::empty({K, H}, opt), grad_a = at::empty({K, H}, opt);
+  Tensor grad_z = buffer_pool::empty({B, D}, opt), grad_g = buffer_pool::empty({B, K}, opt);
+  Tensor grad_W = buffer_pool::empty(W.sizes(), W.options()), grad_M = buffer_pool::empty(M.sizes(), opt);  // written whole by dev.outer
+  Tensor grad_c = buffer_pool::empty({K, H}, opt), grad_a = buffer_pool::empty({K, H}, opt);
   const Dev dev(z);
   const Routing r = dev.route(g);
   const bool curl = C.defined() && gcurl.defined();
@@ -354,7 +355,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> hamiltonian_b
   if (!has_rows(saved_s)) dev.mm(S, X, Rows::kPairs, W, kTrans, r, c, kTanh);
   const Tensor G = dev.gather(gV, D, r);
   Tensor GQ = pair_buffer(r, H, z), Q = pair_buffer(r, H, z), A4 = pair_buffer(r, H, z), GZ = pair_buffer(r, D, z);
-  Tensor gw = at::empty({r.rows}, opt);
+  Tensor gw = buffer_pool::empty({r.rows}, opt);
   Tensor Dm, T_;
   dev.mm(GQ, G, Rows::kPairs, M, kNoTrans, r, Tensor(), false);  // M^T gV per pair
   AT_DISPATCH_FLOATING_TYPES(z.scalar_type(), "sta_hamiltonian_bwd", [&] {
@@ -436,7 +437,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> mlp_fwd(const Tensor&
   const Tensor &z = in[0], &g = in[1], &W1 = in[2], &c1 = in[3], &W2 = in[4], &b2 = in[5], &Pdiv = in[6];
   const int64_t B = z.size(0), D = z.size(1), K = W1.size(0);
   const auto opt = z.options();
-  Tensor velocity = at::empty({B, D}, opt), div = at::empty({B}, opt), div_rot = at::empty({B, K}, opt);
+  Tensor velocity = buffer_pool::empty({B, D}, opt), div = buffer_pool::empty({B}, opt), div_rot = buffer_pool::empty({B, K}, opt);
   const Dev dev(z);
   const Routing r = dev.route(g);
   const int64_t H = W1.size(1);
@@ -446,7 +447,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> mlp_fwd(const Tensor&
   const MlpForward into{rows_of(saved_s, r, H, z), Tensor(), rows_of(saved_r, r, D, z),
                         Pdiv.defined() ? rows_of(saved_e, r, D, z) : Tensor()};
   const MlpForward f = mlp_recompute(dev, z, Rows::kSamples, W1, c1, W2, b2, Pdiv, r, into);
-  Tensor divp = at::empty({r.rows}, opt);
+  Tensor divp = buffer_pool::empty({r.rows}, opt);
   AT_DISPATCH_FLOATING_TYPES(z.scalar_type(), "sta_mlp_fwd", [&] {
     using T = scalar_t;
     const math::MlpFwdArgs<T> A{f.R.const_data_ptr<T>(), ptr<T>(f.E), divp.data_ptr<T>(), D};
@@ -473,16 +474,16 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> mlp_bwd(
   check_saved_rows("sta::mlp_bwd", "r", saved_r, B * K, D);
   check_saved_rows("sta::mlp_bwd", "e", saved_e, B * K, D);
   const auto opt = z.options();
-  Tensor grad_z = at::empty({B, D}, opt), grad_g = at::empty({B, K}, opt);
-  Tensor grad_W1 = at::empty_like(W1), grad_W2 = at::empty_like(W2);  // written whole by dev.outer
-  Tensor grad_c1 = at::empty({K, H}, opt), grad_b2 = at::empty({K, D}, opt);
+  Tensor grad_z = buffer_pool::empty({B, D}, opt), grad_g = buffer_pool::empty({B, K}, opt);
+  Tensor grad_W1 = buffer_pool::empty(W1.sizes(), opt), grad_W2 = buffer_pool::empty(W2.sizes(), opt);  // written whole by dev.outer
+  Tensor grad_c1 = buffer_pool::empty({K, H}, opt), grad_b2 = buffer_pool::empty({K, D}, opt);
   const Dev dev(z);
   const Routing r = dev.route(g);
   // the divergence branch is differentiated only when its output received a gradient
   const Tensor Pdiv = (Pdiv_in.defined() && (gdiv.defined() || gdr.defined())) ? Pdiv_in : Tensor();
   Tensor grad_Pdiv = !Pdiv_in.defined() ? at::zeros({0}, opt)
-                     : Pdiv.defined()    ? at::empty_like(Pdiv)  // written whole by dev.outer
-                                         : at::zeros_like(Pdiv_in);
+                     : Pdiv.defined()    ? buffer_pool::empty(Pdiv.sizes(), opt)  // written whole by dev.outer
+                                         : buffer_pool::empty(Pdiv_in.sizes(), opt).zero_();
   const Tensor X = dev.gather(z, D, r);
   MlpForward f;
   if (has_rows(saved_s) && has_rows(saved_r) && (!Pdiv.defined() || has_rows(saved_e))) {  // the forward's rows
@@ -490,13 +491,13 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> mlp_bwd(
     f.R = saved_r.narrow(0, 0, r.rows);
     if (Pdiv.defined()) {
       f.DS1 = mlp_hidden_derivative(dev, f.S, r);
-      f.E = saved_e.narrow(0, 0, r.rows).clone();  // the epilogue writes dL/dE over it
+      f.E = pair_buffer(r, D, z).copy_(saved_e.narrow(0, 0, r.rows));  // the epilogue writes dL/dE over it
     }
   } else {
     f = mlp_recompute(dev, X, Rows::kPairs, W1, c1, W2, b2, Pdiv, r);
   }
   Tensor G = dev.gather(gV, D, r);
-  Tensor gw = at::empty({r.rows}, opt);
+  Tensor gw = buffer_pool::empty({r.rows}, opt);
   Tensor GS = pair_buffer(r, H, z), GZ = pair_buffer(r, D, z);
   Tensor GDS = Pdiv.defined() ? pair_buffer(r, H, z) : Tensor();
   AT_DISPATCH_FLOATING_TYPES(z.scalar_type(), "sta_mlp_bwd", [&] {

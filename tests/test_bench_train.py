@@ -29,7 +29,7 @@ def test_bench_train_writes_rows_and_phase_split(tmp_path):
         assert float(r["encoder_s"]) > 0 and float(r["decoder_s"]) > 0 and float(r["posterior_s"]) > 0
         # relaxed spikes are never exactly zero: every pair is evaluated
         assert 0.0 < float(r["pairs_evaluated"]) <= 1.0
-        assert float(r["peak_mb"]) > 0 and r["git_sha"] and r["machine"]
+        assert float(r["peak_mb"]) > 0 and float(r["pool_mb"]) >= 0 and r["git_sha"] and r["machine"]
     md = (tmp_path / "train.md").read_text()
     assert "| paper (D 324, K 3, H 64) | 2 | fast |" in md and "1.00x" in md
 

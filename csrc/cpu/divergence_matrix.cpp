@@ -11,13 +11,15 @@
 // contiguous tensors (one thread, AMD EPYC, with freed memory kept by glibc so that page faults
 // do not hide the difference). Here the transposed operand is copied a kTile x kTile tile at a
 // time (16 KB in float32) into a local buffer that stays in L1, so every cache line loaded is used
-// whole: forward 31 ms, backward 45 ms against ATen's 71 and 143 in the same setting; 68 and 127
-// against 103 and 250 with the default allocator, where each fresh 64 MB output first costs ~45 ms
-// of page faults (docs/ops.md, "flow_path").
+// whole: forward 31 ms, backward 45 ms against ATen's 71 and 143 in the same setting. The outputs
+// come from the ops' buffer pool (csrc/buffer_pool.h): with fresh memory each 64 MB output first
+// costs ~45 ms of page faults (forward 70 ms, backward 153 ms; from the pool 47 and 53-65 ms).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
+
+#include "../buffer_pool.h"
 
 #include <algorithm>
 
@@ -89,7 +91,7 @@ Tensor divergence_matrix(const Tensor& W1_, const Tensor& W2_) {
   check_weights("sta::divergence_matrix", W1_, W2_);
   const Tensor W1 = W1_.contiguous(), W2 = W2_.contiguous();
   const int64_t K = W2.size(0), D = W2.size(1), H = W2.size(2);
-  Tensor P = at::empty({K, D, H}, W2.options());
+  Tensor P = buffer_pool::empty({K, D, H}, W2.options());
   AT_DISPATCH_FLOATING_TYPES(W2.scalar_type(), "sta_divergence_matrix", [&] {
     const scalar_t* w1 = W1.const_data_ptr<scalar_t>();
     const scalar_t* w2 = W2.const_data_ptr<scalar_t>();
@@ -112,7 +114,7 @@ std::tuple<Tensor, Tensor> divergence_matrix_bwd(const Tensor& grad_, const Tens
               "sta::divergence_matrix_bwd: grad must have W2's dtype and device");
   const Tensor G = grad_.contiguous(), W1 = W1_.contiguous(), W2 = W2_.contiguous();
   const int64_t K = W2.size(0), D = W2.size(1), H = W2.size(2);
-  Tensor gW1 = at::empty({K, H, D}, W1.options()), gW2 = at::empty({K, D, H}, W2.options());
+  Tensor gW1 = buffer_pool::empty({K, H, D}, W1.options()), gW2 = buffer_pool::empty({K, D, H}, W2.options());
   AT_DISPATCH_FLOATING_TYPES(W2.scalar_type(), "sta_divergence_matrix_bwd", [&] {
     const scalar_t* g = G.const_data_ptr<scalar_t>();
     const scalar_t* w1 = W1.const_data_ptr<scalar_t>();

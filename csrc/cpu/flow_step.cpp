@@ -64,12 +64,13 @@ struct CpuDevice {
   }
 
   Tensor gather(const Tensor& src, int64_t N, const Routing& r) const {
-    return src.defined() ? src.index_select(0, r.pair_sample) : at::zeros({r.rows, N}, opt_);
+    Tensor out = buffer_pool::empty({r.rows, N}, opt_);
+    return src.defined() ? at::index_select_out(out, src, 0, r.pair_sample) : out.zero_();
   }
 
   void mm(const Tensor& out, const Tensor& A, Rows rows, const Tensor& mats, bool trans, const Routing& r,
           const Tensor& bias, bool act_tanh) const {
-    const Tensor Ap = rows == Rows::kSamples ? A.index_select(0, r.pair_sample) : A;
+    const Tensor Ap = rows == Rows::kSamples ? gather(A, A.size(1), r) : A;
     for_segments(r, [&](int64_t k, int64_t o, int64_t n) {
       Tensor dst = out.narrow(0, o, n);
       const Tensor w = trans ? mats[k].t() : mats[k];
