@@ -153,6 +153,7 @@ def bench_one(size: str, batch: int, variant: str, device: torch.device, reps: i
 
 
 def _bench_one(size: str, batch: int, variant: str, device: torch.device, reps: int, seed: int) -> dict:
+    empty_pool(device)  # each configuration fills the cpu backend's buffer pool itself (pool_mb is its own)
     torch.manual_seed(seed)
     overrides, network_dtype, per_step, compiled, _ = VARIANTS[variant]
     config = ModelConfig(model="sta", channels=3, image_size=28, transitions=8, conv=16,
@@ -212,6 +213,12 @@ def _bench_one(size: str, batch: int, variant: str, device: torch.device, reps: 
     for name in PHASES:
         row[f"{name}_s"] = statistics.median(phases[name])
     return row
+
+
+def empty_pool(device: torch.device) -> None:
+    if device.type == "cpu" and _extension.load() is not None:
+        from sta.backends import cpu
+        cpu.empty_cache()
 
 
 def pool_cached_mb(device: torch.device) -> float:
