@@ -154,3 +154,12 @@ def test_the_limit_comes_from_the_environment(pool):
     assert done.stdout.split()[-1] == str(3 * MIB)
     done = _limit_in_fresh_process("lots")
     assert done.returncode != 0 and "STA_CPU_POOL_MB must be a whole number of megabytes >= 0, got 'lots'" in done.stderr
+
+
+def test_a_bad_limit_in_the_environment_raises_at_every_call_not_only_the_first():
+    code = ("from sta.backends import cpu\nfor _ in range(2):\n    try:\n        cpu.memory_stats()\n"
+            "        print('no error')\n    except RuntimeError as err:\n        print('raised')")
+    env = dict(os.environ, STA_CPU_POOL_MB="-5")
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["raised", "raised"]

@@ -1,5 +1,5 @@
 // The CPU buffer pool of the sta:: ops (why and contract: csrc/buffer_pool.h) and its Python
-// handles sta::cpu_pool_stats / cpu_pool_set_limit / cpu_pool_release (sta/memory.py wraps them).
+// handles sta::cpu_pool_stats / cpu_pool_set_limit / cpu_pool_release (sta/backends/cpu.py wraps them).
 #include "../buffer_pool.h"
 
 #include <c10/core/Allocator.h>
@@ -106,15 +106,16 @@ class Pool {
   }
 
   int64_t limit_locked() {
-    if (limit_ < 0) {  // first use: the environment, else 1 GiB
-      limit_ = int64_t(1) << 30;
+    if (limit_ < 0) {  // first use: the environment, else 1 GiB (a bad value raises at every call)
+      int64_t limit = int64_t(1) << 30;
       if (const char* env = std::getenv("STA_CPU_POOL_MB")) {
         char* end = nullptr;
         const long long mb = std::strtoll(env, &end, 10);
         TORCH_CHECK(end != env && *end == '\0' && mb >= 0,
                     "STA_CPU_POOL_MB must be a whole number of megabytes >= 0, got '", env, "'");
-        limit_ = static_cast<int64_t>(mb) << 20;
+        limit = static_cast<int64_t>(mb) << 20;
       }
+      limit_ = limit;
     }
     return limit_;
   }
