@@ -215,19 +215,26 @@ def _bench_one(size: str, batch: int, variant: str, device: torch.device, reps: 
     return row
 
 
+def _cpu_pool(device: torch.device):
+    """sta.backends.cpu (its buffer pool's handles) when ``device`` is the CPU and the extension is
+    loaded, else None."""
+    if device.type != "cpu" or _extension.load() is None:
+        return None
+    from sta.backends import cpu
+    return cpu
+
+
 def empty_pool(device: torch.device) -> None:
-    if device.type == "cpu" and _extension.load() is not None:
-        from sta.backends import cpu
-        cpu.empty_cache()
+    pool = _cpu_pool(device)
+    if pool is not None:
+        pool.empty_cache()
 
 
 def pool_cached_mb(device: torch.device) -> float:
     """MiB of free blocks the cpu backend's buffer pool holds after the iteration: memory the process
     keeps beyond ``peak_mb`` (which counts the pool's blocks only while tensors use them)."""
-    if device.type != "cpu" or _extension.load() is None:
-        return 0.0
-    from sta.backends import cpu
-    return cpu.memory_stats()["cached"] / 2 ** 20
+    pool = _cpu_pool(device)
+    return 0.0 if pool is None else pool.memory_stats()["cached"] / 2 ** 20
 
 
 def markdown(rows: list, info: dict, command: str) -> str:

@@ -241,8 +241,11 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> potential_bwd(
   const Tensor wn = field_row_norms_sq(W);
   const Tensor X = dev.gather(z, D, r);
   // s: the forward's (a copy: the epilogue writes Qx over it) or recomputed
-  Tensor S = has_rows(saved_s) ? pair_buffer(r, H, z).copy_(saved_s.narrow(0, 0, r.rows)) : pair_buffer(r, H, z);
-  if (!has_rows(saved_s)) dev.mm(S, X, Rows::kPairs, W, kTrans, r, c, kTanh);
+  Tensor S = pair_buffer(r, H, z);
+  if (has_rows(saved_s))
+    S.copy_(saved_s.narrow(0, 0, r.rows));
+  else
+    dev.mm(S, X, Rows::kPairs, W, kTrans, r, c, kTanh);
   Tensor G = dev.gather(gV, D, r);
   Tensor gw = buffer_pool::empty({r.rows}, opt);
   Tensor buf = buffer_pool::empty({4, r.rows, H}, opt);  // GQ -> GH, A2, A3, A4 (flow_math.h)

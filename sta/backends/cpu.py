@@ -40,7 +40,7 @@ def memory_stats() -> dict:
     for the next call), ``in_use`` (blocks inside live tensors) and ``limit`` (the most it holds
     free). The ops take their buffers of 1 MiB and more from it, so that a block is faulted in from
     the kernel once, not at every call (S3 of benchmarks/bench_flow_step.py, forward + backward:
-    ~470 ms against ~760 ms with fresh memory, one thread, AMD EPYC)."""
+    410-532 ms against 683-773 ms with fresh memory, one thread, AMD EPYC; docs/ops.md)."""
     cached, in_use, limit = _pool_ops().cpu_pool_stats()
     return {"cached": int(cached), "in_use": int(in_use), "limit": int(limit)}
 
